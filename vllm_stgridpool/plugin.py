@@ -1,5 +1,102 @@
-"""vLLM general plugin entry point (``vllm.general_plugins``: ``stgridpool``)."""
+"""The vLLM general plugin: ``stgridpool = vllm_stgridpool.plugin:register``.
+
+vLLM calls :func:`register` in every process it starts (API server, engine
+core, workers), possibly several times: it is idempotent, imports no model
+code (model classes are registered lazily by name) and refuses, loudly, a
+vLLM version it was not written for.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm_stgridpool")
+
+SUPPORTED_VLLM = ("0.32.",)
+
+_MODELS = {
+    "LlavaOnevisionForConditionalGeneration": (
+        "vllm_stgridpool.models.llava_onevision:STGridPoolLlavaOnevisionForConditionalGeneration"
+    ),
+    "LlavaNextVideoForConditionalGeneration": (
+        "vllm_stgridpool.models.llava_next_video:STGridPoolLlavaNextVideoForConditionalGeneration"
+    ),
+}
+
+_registered = False
+
+
+class UnsupportedVLLMVersion(RuntimeError):
+    pass
+
+
+def check_vllm_version(version: str) -> None:
+    if not version.startswith(SUPPORTED_VLLM):
+        raise UnsupportedVLLMVersion(
+            f"vllm-stgridpool supports vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}, "
+            f"but vLLM {version} is installed; install a matching vllm-stgridpool release, or "
+            f"run without the plugin (unset --plugins / VLLM_PLUGINS=stgridpool)"
+        )
 
 
 def register() -> None:
-    """Called by vLLM in every process; filled in by the model integration."""
+    global _registered
+    if _registered:
+        return
+    import vllm
+    from vllm import ModelRegistry
+
+    check_vllm_version(vllm.__version__)
+    for architecture, model_class in _MODELS.items():
+        ModelRegistry.register_model(architecture, model_class)
+    _register_frame_sampling_default()
+    from vllm_stgridpool.video_loader import register_decord_loader
+
+    register_decord_loader()
+    _registered = True
+    logger.debug("vllm-stgridpool registered for %s", ", ".join(_MODELS))
+
+
+def _register_frame_sampling_default() -> None:
+    """With ST-GridPool active, the server samples up to ``max_frames`` frames per video.
+
+    vLLM's video loader samples 32 frames unless ``--media-io-kwargs`` says
+    otherwise; the paper's setting is 64. vLLM applies per-architecture config
+    hooks (``MODELS_CONFIG_MAP``) while it builds each ``ModelConfig``; ours
+    only fills in a default the user did not set, and chains to any hook
+    already registered for the architecture.
+    """
+    from vllm.model_executor.models import config as model_hooks
+
+    for architecture in _MODELS:
+        previous = model_hooks.MODELS_CONFIG_MAP.get(architecture)
+        if previous is not None and getattr(previous, "_stgridpool", False):
+            continue
+        model_hooks.MODELS_CONFIG_MAP[architecture] = _frame_sampling_hook(previous)
+
+
+def _frame_sampling_hook(previous):
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    from vllm_stgridpool.activation import settings_for
+
+    class STGridPoolFrameSampling(VerifyAndUpdateConfig):
+        _stgridpool = True
+
+        @staticmethod
+        def verify_and_update_model_config(model_config) -> None:
+            if previous is not None:
+                previous.verify_and_update_model_config(model_config)
+            settings = settings_for(model_config.hf_config)
+            mm_config = model_config.multimodal_config
+            if settings is None or mm_config is None:
+                return
+            video = mm_config.media_io_kwargs.setdefault("video", {})
+            video.setdefault("num_frames", settings.max_frames)
+
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            if previous is not None:
+                previous.verify_and_update_config(vllm_config)
+
+    return STGridPoolFrameSampling

@@ -1,0 +1,141 @@
+"""When ST-GridPool is active for a model, and with which config a request runs.
+
+Server side, ST-GridPool is opt-in: it is active for a model when
+``VLLM_PLUGINS`` names ``stgridpool`` (what ``--plugins stgridpool`` sets) or
+when the model's ``--hf-overrides`` carries a ``stgridpool`` object, and
+``"enabled": false`` in that object turns it off again. Request side,
+``mm_processor_kwargs={"stgridpool": {...}}`` may change the operator's
+parameters, but never so that a video costs more tokens than the server's own
+setting, and not at all when the server says ``allow_request_overrides: false``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from vllm_stgridpool.config import (
+    MAX_LEVELS,
+    STGridPoolConfig,
+    STGridPoolConfigError,
+    STGridPoolSettings,
+)
+
+PLUGIN_NAME = "stgridpool"
+HF_CONFIG_KEY = "stgridpool"
+REQUEST_KEY = "stgridpool"
+
+
+def named_in_vllm_plugins() -> bool:
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is None:
+        return False
+    return PLUGIN_NAME in {name.strip() for name in allowed.split(",")}
+
+
+def settings_for(hf_config: Any) -> STGridPoolSettings | None:
+    """The model's ST-GridPool settings, or None when it runs stock."""
+    overrides = getattr(hf_config, HF_CONFIG_KEY, None)
+    if overrides is None and not named_in_vllm_plugins():
+        return None
+    settings = STGridPoolSettings.from_dict(_plain(overrides))
+    return settings if settings.enabled else None
+
+
+def request_config(
+    settings: STGridPoolSettings | None,
+    mm_processor_kwargs: Mapping[str, object],
+    grid: tuple[int, int],
+) -> STGridPoolConfig | None:
+    """The config one request's videos run with (None: stock pooling).
+
+    Raises ``STGridPoolConfigError`` (a ValueError, so HTTP 400 through the
+    server) with the reason when the request's override cannot be honoured.
+    """
+    override = mm_processor_kwargs.get(REQUEST_KEY)
+    if override is None:
+        return None if settings is None else settings.pool
+    if settings is None:
+        raise STGridPoolConfigError(
+            "mm_processor_kwargs.stgridpool was given, but ST-GridPool is not enabled for "
+            "this model; start the server with --plugins stgridpool or "
+            "--hf-overrides '{\"stgridpool\": {}}'"
+        )
+    if not settings.allow_request_overrides:
+        raise STGridPoolConfigError(
+            "mm_processor_kwargs.stgridpool is not allowed: this server was started with "
+            "\"allow_request_overrides\": false; send the request without it"
+        )
+    if not isinstance(override, Mapping):
+        raise STGridPoolConfigError(
+            f"mm_processor_kwargs.stgridpool must be a JSON object such as "
+            f"{{\"kernel_size\": 3}}, got {type(override).__name__}"
+        )
+    config = STGridPoolConfig.from_dict({**settings.pool.to_dict(), **_plain(override)})
+    height, width = grid
+    server_cost = settings.pool.num_tokens(1, height, width)
+    request_cost = config.num_tokens(1, height, width)
+    if request_cost > server_cost:
+        raise STGridPoolConfigError(
+            f"mm_processor_kwargs.stgridpool would cost {request_cost} tokens per frame, more "
+            f"than this server's {server_cost} (kernel_size {settings.pool.kernel_size} on a "
+            f"{height} x {width} grid); use kernel_size >= {settings.pool.kernel_size}"
+        )
+    return config
+
+
+def check_num_frames(settings: STGridPoolSettings | None, num_frames: int) -> None:
+    if num_frames < 1:
+        raise STGridPoolConfigError("a video must have at least one frame, got 0")
+    if settings is not None and num_frames > settings.max_frames:
+        raise STGridPoolConfigError(
+            f"video has {num_frames} frames, more than this server's max_frames "
+            f"{settings.max_frames}; sample fewer frames (media_io_kwargs num_frames) or "
+            f"raise max_frames in the stgridpool object of --hf-overrides"
+        )
+
+
+# A config travels from the processor to the model as one row of floats per
+# video (a batched multimodal field): exact for the small integers and the
+# float64 parameters it holds.
+_ROW_LENGTH = 4 + 2 * MAX_LEVELS
+
+
+def config_to_row(config: STGridPoolConfig) -> list[float]:
+    levels = len(config.grid_sizes)
+    pad = [0.0] * (MAX_LEVELS - levels)
+    return [
+        float(config.kernel_size),
+        config.temperature,
+        config.norm_p,
+        float(levels),
+        *map(float, config.grid_sizes),
+        *pad,
+        *map(float, config.grid_strides),
+        *pad,
+    ]
+
+
+def config_from_row(row: list[float]) -> STGridPoolConfig:
+    if len(row) != _ROW_LENGTH:
+        raise ValueError(f"malformed stgridpool_config row of length {len(row)}")
+    levels = int(row[3])
+    return STGridPoolConfig(
+        grid_sizes=tuple(int(v) for v in row[4 : 4 + levels]),
+        grid_strides=tuple(int(v) for v in row[4 + MAX_LEVELS : 4 + MAX_LEVELS + levels]),
+        kernel_size=int(row[0]),
+        temperature=float(row[1]),
+        norm_p=float(row[2]),
+    )
+
+
+def _plain(values: Any) -> Any:
+    """Turn config objects that vLLM/transformers may hand over into a plain dict."""
+    if values is None:
+        return {}
+    if hasattr(values, "to_dict") and not isinstance(values, Mapping):
+        return values.to_dict()
+    if isinstance(values, Mapping):
+        return dict(values)
+    return values

@@ -1,0 +1,77 @@
+"""Token-saving counters on the server's ``/metrics`` endpoint.
+
+The vLLM processor runs in the API server process, which serves
+``/metrics`` from prometheus_client's registry (or, with several API
+servers, from its multiprocess directory, which prometheus_client counters
+write to by themselves), so plain prometheus_client counters are enough:
+no patch to vLLM's metrics is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+
+logger = logging.getLogger("vllm_stgridpool")
+
+_lock = threading.Lock()
+_counters = None
+_profiling = contextvars.ContextVar("stgridpool_profiling", default=False)
+
+
+def _get_counters():
+    global _counters
+    with _lock:
+        if _counters is None:
+            from prometheus_client import Counter
+
+            _counters = (
+                Counter(
+                    "stgridpool_video_tokens",
+                    "Video placeholder tokens emitted with ST-GridPool",
+                ),
+                Counter(
+                    "stgridpool_video_tokens_saved",
+                    "Video tokens saved against the model's stock pooling",
+                ),
+                Counter("stgridpool_videos", "Videos processed with ST-GridPool"),
+            )
+        return _counters
+
+
+@contextlib.contextmanager
+def profiling():
+    """Dummy inputs built for memory profiling are not user traffic: don't count them."""
+    token = _profiling.set(True)
+    try:
+        yield
+    finally:
+        _profiling.reset(token)
+
+
+def record_video(*, num_frames: int, tokens: int, stock_tokens: int) -> None:
+    if _profiling.get():
+        return
+    emitted, saved, videos = _get_counters()
+    emitted.inc(tokens)
+    saved.inc(max(stock_tokens - tokens, 0))
+    videos.inc()
+    logger.debug(
+        "stgridpool: video of %d frames -> %d tokens (stock %d, saved %d)",
+        num_frames,
+        tokens,
+        stock_tokens,
+        stock_tokens - tokens,
+    )
+
+
+def totals() -> dict[str, float]:
+    """Current counter values (for tests and the demo)."""
+    emitted, saved, videos = _get_counters()
+    return {
+        "video_tokens": emitted._value.get(),
+        "video_tokens_saved": saved._value.get(),
+        "videos": videos._value.get(),
+    }
