@@ -1,0 +1,35 @@
+"""Session-wide assets: tiny checkpoints and mp4 clips are built once and shared."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_stgridpool.sample_videos import DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, write_mp4
+from vllm_stgridpool.tiny_models import build_llava_next_video, build_llava_onevision
+
+
+@pytest.fixture(scope="session")
+def onevision_checkpoint(tmp_path_factory):
+    """A tiny random LLaVA-OneVision folder (SigLIP 27x27 patches, Qwen2 text)."""
+    return build_llava_onevision(tmp_path_factory.mktemp("checkpoints") / "llava_onevision")
+
+
+@pytest.fixture(scope="session")
+def next_video_checkpoint(tmp_path_factory):
+    """A tiny random LLaVA-NeXT-Video folder (CLIP 24x24 patches, Llama text)."""
+    return build_llava_next_video(tmp_path_factory.mktemp("checkpoints") / "llava_next_video")
+
+
+@pytest.fixture(scope="session")
+def mp4_factory(tmp_path_factory):
+    """``make(num_frames, width=, height=, fps=) -> Path``; each distinct clip is encoded once."""
+    folder = tmp_path_factory.mktemp("videos")
+    written = {}
+
+    def make(num_frames, width=DEFAULT_WIDTH, height=DEFAULT_HEIGHT, fps=DEFAULT_FPS):
+        key = (num_frames, width, height, fps)
+        if key not in written:
+            written[key] = write_mp4(folder / f"{num_frames}f_{width}x{height}_{fps:g}fps.mp4", *key)
+        return written[key]
+
+    return make

@@ -1,0 +1,119 @@
+"""Real encoded mp4 clips whose every frame differs, for tests, demo and benchmarks.
+
+A video path is only exercised for real by bytes that a demuxer and decoder
+must parse, so these helpers encode MPEG-4 Part 2 video in an mp4 container
+rather than handing raw arrays around.  Frame ``i`` has a background colour
+that steps with ``i`` (consecutive frames always differ, on all sizes, even a
+single pixel) plus a square moving right and a bar moving down.
+
+Which sizes encode (measured with opencv-python-headless 5.0, PyAV 18.1,
+decord 0.6.0):
+
+* OpenCV's ``VideoWriter`` with fourcc ``mp4v`` writes any even width and
+  height >= 2 (4000x16 and 100 frames included; 1 and 2 frames decode as 1
+  and 2 frames).  It refuses a width or height of 1, and silently rounds odd
+  sizes down to even (7x1000 comes out 6x1000).  ``avc1``/``H264`` are not
+  built into the OpenCV wheel.
+* PyAV (package ``av``, not a project dependency) with its ``mpeg4``
+  encoder writes every size, odd ones and 1x1 included; its ``libx264``
+  needs even sizes in yuv420p.  ``write_mp4`` uses it for odd sizes when it
+  is installed, and raises ``UnsupportedVideoSize`` otherwise.
+* cv2 decodes all of the above to the requested frame count and size.
+  decord 0.6.0 returns the right frame count but, for some narrow widths
+  (1, 2, 3, 4, 6, 8, 12, 16, 24, 48, 72 among 1..99), frames with a wrong
+  channel count (e.g. 1x1 comes back as 1x1x96), and ``get_batch`` fails
+  for them; ``DECORD_BAD_WIDTHS`` lists those seen.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_WIDTH = 160
+DEFAULT_HEIGHT = 120
+DEFAULT_FPS = 10.0
+DECORD_BAD_WIDTHS = frozenset({1, 2, 3, 4, 6, 8, 12, 16, 24, 48, 72})
+
+
+class UnsupportedVideoSize(ValueError):
+    """No installed encoder can write this frame size exactly."""
+
+
+def synthetic_frame(index: int, width: int, height: int) -> np.ndarray:
+    """RGB frame ``index`` of the sample clip, shape (height, width, 3), uint8."""
+    background = ((40 + 53 * index) % 256, (80 + 97 * index) % 256, (120 + 29 * index) % 256)
+    frame = np.empty((height, width, 3), np.uint8)
+    frame[:] = background
+    side = max(1, min(width, height) // 4)
+    x = (index * max(1, width // 8)) % max(1, width - side + 1)
+    y = (height - side) // 2
+    frame[y : y + side, x : x + side] = (255 - background[0], 255 - background[1], 255 - background[2])
+    bar_y = (index * max(1, height // 8)) % height
+    frame[bar_y : bar_y + max(1, height // 16), :] = (255, 255, 255) if index % 2 else (0, 0, 0)
+    return frame
+
+
+def write_mp4(
+    path,
+    num_frames: int,
+    width: int = DEFAULT_WIDTH,
+    height: int = DEFAULT_HEIGHT,
+    fps: float = DEFAULT_FPS,
+) -> Path:
+    """Encode ``num_frames`` synthetic frames as an MPEG-4 Part 2 mp4 at ``path``."""
+    if num_frames < 1 or width < 1 or height < 1:
+        raise ValueError(f"need at least one frame of at least 1x1, got {num_frames} frames of {width}x{height}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = (synthetic_frame(i, width, height) for i in range(num_frames))
+    if width % 2 == 0 and height % 2 == 0:
+        _write_with_opencv(path, frames, width, height, fps)
+    else:
+        _write_with_pyav(path, frames, width, height, fps)
+    return path
+
+
+def mp4_bytes(
+    num_frames: int,
+    width: int = DEFAULT_WIDTH,
+    height: int = DEFAULT_HEIGHT,
+    fps: float = DEFAULT_FPS,
+) -> bytes:
+    """The bytes ``write_mp4`` would write: what an HTTP client uploads."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return write_mp4(Path(scratch) / "clip.mp4", num_frames, width, height, fps).read_bytes()
+
+
+def _write_with_opencv(path: Path, frames, width: int, height: int, fps: float) -> None:
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    if not writer.isOpened():
+        raise UnsupportedVideoSize(f"OpenCV cannot open an mp4v writer for {width}x{height}")
+    try:
+        for frame in frames:
+            writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    finally:
+        writer.release()
+
+
+def _write_with_pyav(path: Path, frames, width: int, height: int, fps: float) -> None:
+    try:
+        import av
+    except ImportError:
+        raise UnsupportedVideoSize(
+            f"{width}x{height}: OpenCV's mp4v writer rounds odd sizes down and refuses 1; "
+            "install PyAV (`pip install av`) to encode odd sizes exactly"
+        ) from None
+    from fractions import Fraction
+
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.bit_rate = max(400_000, width * height * 8)
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())

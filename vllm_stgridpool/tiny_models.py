@@ -1,0 +1,397 @@
+"""Tiny random-weight video LLM checkpoints, built locally.
+
+Nothing can be fetched from a model hub here, so tests, the demo and the
+benchmarks build their models: a real architecture and processor, random
+weights, a word-level tokenizer.  Each builder writes a folder that both
+vLLM 0.32 and HF transformers 5 load with their own ``from_pretrained``.
+
+Vision towers stay tiny (they run once per frame); the text model is
+parameterised so a benchmark can ask for a wider, deeper one.  vLLM's CPU
+attention only accepts some head sizes (32, 64, 80, ..., 256, 512) and its
+Llama/Qwen2 layers derive the head size as ``hidden // heads``, so the text
+width must be a supported multiple of the head count.
+
+Weight layout: transformers 5 saves a CLIP or SigLIP tower as
+``vision_tower.<module>``, but vLLM 0.32 loads the hub layout
+``vision_tower.vision_model.<module>``.  transformers itself reads the hub
+layout (its CLIPVisionModel/SiglipVisionModel conversion mapping strips
+``vision_model.``), so the builders rewrite the saved keys to the hub layout.
+The SigLIP attention-pooling head is never used by LLaVA models and is not
+created at all (``vision_use_head=False``).
+
+Both models share one ChatML chat template (``VIDEO_PROMPT`` is what it
+renders for a video and a question).  Weights are saved in float32; vLLM on
+CPU runs them in bfloat16 unless given ``dtype="float32"``, which is what
+makes its greedy tokens equal transformers' (``python -m
+vllm_stgridpool.tiny_models [FOLDER]`` checks exactly that).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MARKER_NAME = "tiny_model_build.json"
+BUILD_FORMAT = 1
+CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
+SPECIAL_TOKENS = ("<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, VIDEO_TOKEN)
+
+# Words prompts are likely to use, so they tokenize to themselves, not <unk>.
+COMMON_WORDS = """
+user assistant system a an the this that these those is are was were be it its
+what which who where when why how do does did can could will would should
+describe explain summarize tell me about in on at of to from with and or but
+not no yes video image frame frames clip scene picture person people man woman
+child dog cat car ball moves moving runs walks jumps red green blue yellow
+white black left right up down first then after before happens happening
+shown shows see seen color colour shape square circle line fast slow one two
+three four five many some all each time start end
+""".split()
+PUNCTUATION = list(".,?!:;'\"()-")
+VOCAB_SIZE = 1024
+
+# What CHAT_TEMPLATE renders for one video and a question.
+VIDEO_PROMPT = "<|im_start|>user\n<video>\nDescribe the video.<|im_end|>\n<|im_start|>assistant\n"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<video>\n"
+    "{% elif part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_llava_onevision(
+    path,
+    *,
+    text_hidden: int = 128,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    text_kv_heads: int = 1,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Build (or reuse) a tiny LLaVA-OneVision: SigLIP 378 px / patch 14 (27x27), Qwen2 text."""
+    args = dict(
+        text_hidden=text_hidden, text_layers=text_layers, text_heads=text_heads,
+        text_kv_heads=text_kv_heads, vision_hidden=vision_hidden,
+        vision_layers=vision_layers, seed=seed,
+    )
+    return _build_once(Path(path), "llava_onevision", args, _write_llava_onevision)
+
+
+def build_llava_next_video(
+    path,
+    *,
+    text_hidden: int = 128,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    text_kv_heads: int = 1,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Build (or reuse) a tiny LLaVA-NeXT-Video: CLIP 336 px / patch 14 (24x24), Llama text.
+
+    Like the released checkpoints it reads the second-to-last vision layer
+    (``vision_feature_layer=-2``) and average-pools frames with stride 2.
+    """
+    args = dict(
+        text_hidden=text_hidden, text_layers=text_layers, text_heads=text_heads,
+        text_kv_heads=text_kv_heads, vision_hidden=vision_hidden,
+        vision_layers=vision_layers, seed=seed,
+    )
+    return _build_once(Path(path), "llava_next_video", args, _write_llava_next_video)
+
+
+def read_build_marker(path) -> dict | None:
+    """The arguments a folder was built with, or None if it holds no finished build."""
+    marker = Path(path) / MARKER_NAME
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text())
+
+
+def _build_once(path: Path, kind: str, args: dict, write) -> Path:
+    """Build into a scratch folder and move it in place, so a half-built folder is never reused."""
+    wanted = {"kind": kind, "format": BUILD_FORMAT, "args": args}
+    if _holds_build(path, wanted):
+        return path
+    _check_head_size(args["text_hidden"], args["text_heads"], args["text_kv_heads"])
+    if path.exists():
+        if any(path.iterdir()) and read_build_marker(path) is None:
+            raise FileExistsError(f"{path} exists and was not made by a tiny-model builder")
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(scratch, **args)
+        _rewrite_vision_keys_to_hub_layout(scratch / "model.safetensors")
+        (scratch / MARKER_NAME).write_text(json.dumps(wanted, indent=2, sort_keys=True))
+        try:
+            scratch.rename(path)
+        except OSError:
+            # Another process finished the same build first; theirs is as good as ours.
+            if not _holds_build(path, wanted):
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def _holds_build(path: Path, wanted: dict) -> bool:
+    return read_build_marker(path) == wanted and (path / "model.safetensors").is_file()
+
+
+def _check_head_size(hidden: int, heads: int, kv_heads: int) -> None:
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"text_hidden={hidden} / text_heads={heads} / text_kv_heads={kv_heads} do not divide")
+    if hidden // heads not in CPU_ATTENTION_HEAD_SIZES:
+        raise ValueError(
+            f"head size {hidden // heads} is not one vLLM's CPU attention supports: {CPU_ATTENTION_HEAD_SIZES}"
+        )
+
+
+def _write_llava_onevision(folder: Path, *, text_hidden, text_layers, text_heads, text_kv_heads,
+                           vision_hidden, vision_layers, seed) -> None:
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    image_size, patch_size = 378, 14
+    tokenizer = _make_tokenizer()
+    ids = _special_ids(tokenizer)
+    pinpoints = [[image_size * h, image_size * w] for h in range(1, 7) for w in range(1, 7)]
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers, num_attention_heads=2,
+            image_size=image_size, patch_size=patch_size, vision_use_head=False,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+            num_hidden_layers=text_layers, num_attention_heads=text_heads,
+            num_key_value_heads=text_kv_heads, head_dim=text_hidden // text_heads,
+            max_position_embeddings=32768, tie_word_embeddings=False,
+            bos_token_id=None, eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+        ),
+        image_token_index=ids["image"],
+        video_token_index=ids["video"],
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(
+            size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
+        ),
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+    )
+    _save(folder, LlavaOnevisionForConditionalGeneration, config, processor, seed)
+
+
+def _write_llava_next_video(folder: Path, *, text_hidden, text_layers, text_heads, text_kv_heads,
+                            vision_hidden, vision_layers, seed) -> None:
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextImageProcessor,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
+    )
+
+    image_size, patch_size = 336, 14
+    tokenizer = _make_tokenizer()
+    ids = _special_ids(tokenizer)
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    square = {"height": image_size, "width": image_size}
+    config = LlavaNextVideoConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers, num_attention_heads=2,
+            image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+            num_hidden_layers=text_layers, num_attention_heads=text_heads,
+            num_key_value_heads=text_kv_heads, head_dim=text_hidden // text_heads,
+            max_position_embeddings=32768, tie_word_embeddings=False,
+            bos_token_id=None, eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+        ),
+        image_token_index=ids["image"],
+        video_token_index=ids["video"],
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+        tie_word_embeddings=False,
+    )
+    processor = LlavaNextVideoProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": image_size}, crop_size=square, image_grid_pinpoints=pinpoints,
+        ),
+        video_processor=LlavaNextVideoVideoProcessor(size={"shortest_edge": image_size}, crop_size=square),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    _save(folder, LlavaNextVideoForConditionalGeneration, config, processor, seed)
+
+
+def _save(folder: Path, model_class, config, processor, seed: int) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config).eval()
+    model.save_pretrained(folder, max_shard_size="100GB")
+    processor.save_pretrained(folder)
+
+
+def _rewrite_vision_keys_to_hub_layout(weights_file: Path) -> None:
+    """Rename ``vision_tower.X`` to ``vision_tower.vision_model.X``: the layout vLLM 0.32 loads."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights_file)
+    renamed = {}
+    for name, tensor in tensors.items():
+        if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+            name = "vision_tower.vision_model." + name.removeprefix("vision_tower.")
+        renamed[name] = tensor
+    save_file(renamed, weights_file, metadata={"format": "pt"})
+
+
+def _vocabulary() -> list[str]:
+    """Special tokens, common words, punctuation, then made-up syllable words up to VOCAB_SIZE."""
+    vocab = list(SPECIAL_TOKENS) + COMMON_WORDS + PUNCTUATION + [str(d) for d in range(10)]
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    for pair in itertools.product(syllables, repeat=2):
+        if len(vocab) >= VOCAB_SIZE:
+            break
+        word = "".join(pair)
+        if word not in vocab:
+            vocab.append(word)
+    return vocab
+
+
+def _make_tokenizer():
+    """A lower-casing word-level tokenizer; unknown words map to <unk>."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = _vocabulary()
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(vocab)}, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces, tidy punctuation
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>", IMAGE_TOKEN, VIDEO_TOKEN],
+        model_max_length=32768,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _special_ids(tokenizer) -> dict[str, int]:
+    ids = {
+        "image": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "video": tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+    }
+    assert tokenizer.unk_token_id not in ids.values()
+    return ids
+
+
+def _check_with_transformers(path: Path, model_class_name: str, video: np.ndarray) -> tuple[int, list[int]]:
+    """Load ``path`` with transformers' own loader; return prompt length and greedy tokens."""
+    import transformers
+
+    model, info = getattr(transformers, model_class_name).from_pretrained(path, output_loading_info=True)
+    problems = {kind: keys for kind, keys in info.items() if keys}
+    if problems:
+        raise RuntimeError(f"transformers loaded {path} with {problems}")
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    inputs = processor(text=VIDEO_PROMPT, videos=[video], return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    prompt_len = inputs["input_ids"].shape[1]
+    return prompt_len, output[0, prompt_len:].tolist()
+
+
+def _check_with_vllm(path: Path, video: np.ndarray) -> tuple[int, list[int]]:
+    """Serve ``path`` with stock vLLM (float32, small KV cache); return prompt length and greedy tokens."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=str(path), dtype="float32", max_model_len=8192, kv_cache_memory_bytes=256 << 20,
+        limit_mm_per_prompt={"video": 1}, enforce_eager=True, seed=0,
+    )
+    try:
+        [result] = llm.generate(
+            {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": video}},
+            SamplingParams(max_tokens=8, temperature=0.0),
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return len(result.prompt_token_ids), list(result.outputs[0].token_ids)
+
+
+if __name__ == "__main__":
+    # Builds both checkpoints and shows that stock vLLM and transformers load them
+    # and answer a 16-frame clip with the same greedy tokens.
+    import os
+    import sys
+    import time
+
+    os.environ["VLLM_PLUGINS"] = "none"  # stock behaviour: keep this project's plugin out
+    from vllm_stgridpool.sample_videos import synthetic_frame
+
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="tiny-models-"))
+    clip = np.stack([synthetic_frame(i, 320, 240) for i in range(16)])
+    for builder, class_name in (
+        (build_llava_onevision, "LlavaOnevisionForConditionalGeneration"),
+        (build_llava_next_video, "LlavaNextVideoForConditionalGeneration"),
+    ):
+        started = time.perf_counter()
+        folder = builder(root / builder.__name__.removeprefix("build_"))
+        print(f"{folder}: built in {time.perf_counter() - started:.1f} s", flush=True)
+        hf_len, hf_tokens = _check_with_transformers(folder, class_name, clip)
+        print(f"  transformers: {hf_len} prompt tokens, greedy {hf_tokens}", flush=True)
+        vllm_len, vllm_tokens = _check_with_vllm(folder, clip)
+        print(f"  vLLM:         {vllm_len} prompt tokens, greedy {vllm_tokens}", flush=True)
+        if (hf_len, hf_tokens) != (vllm_len, vllm_tokens):
+            sys.exit(f"{folder}: vLLM and transformers disagree")
