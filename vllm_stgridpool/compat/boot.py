@@ -10,9 +10,10 @@ from __future__ import annotations
 
 
 def _install_hooks() -> None:
-    from vllm_stgridpool.compat import torchvision_ops
+    from vllm_stgridpool.compat import torchvision_ops, vllm_cli
 
     torchvision_ops.install_import_hook()
+    vllm_cli.install_import_hook()
 
 
 try:
