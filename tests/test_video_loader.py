@@ -241,3 +241,14 @@ def test_server_media_connector_uses_decord(videos, one_frame_mp4):
     # ValueError is what the server's error handler maps to HTTP 400.
     with pytest.raises(ValueError, match="Could not decode video"):
         connector.fetch_video(data_url(truncated))
+
+
+@pytest.mark.parametrize(("frames", "width", "height"), [(1, 1, 1), (3, 7, 1000), (2, 4000, 16), (5, 16, 16)])
+def test_extreme_frame_sizes_decode(frames, width, height):
+    """decord 0.6 mis-sizes some narrow widths; those frames come from PyAV instead."""
+    from vllm_stgridpool.sample_videos import mp4_bytes
+
+    decoded, metadata = DecordVideoLoader.load_bytes(mp4_bytes(frames, width=width, height=height))
+    assert decoded.shape == (frames, height, width, 3)
+    assert decoded.dtype == np.uint8
+    assert metadata["total_num_frames"] == frames

@@ -9,6 +9,7 @@ vLLM version it was not written for.
 from __future__ import annotations
 
 import logging
+import os
 
 logger = logging.getLogger("vllm_stgridpool")
 
@@ -58,7 +59,7 @@ def register() -> None:
 
 
 def _register_frame_sampling_default() -> None:
-    """With ST-GridPool active, the server samples up to ``max_frames`` frames per video.
+    """With ST-GridPool active, the server samples up to ``max_frames`` frames per video, with decord.
 
     vLLM's video loader samples 32 frames unless ``--media-io-kwargs`` says
     otherwise; the paper's setting is 64. vLLM applies per-architecture config
@@ -93,6 +94,9 @@ def _frame_sampling_hook(previous):
                 return
             video = mm_config.media_io_kwargs.setdefault("video", {})
             video.setdefault("num_frames", settings.max_frames)
+            if "video_backend" not in video and "VLLM_VIDEO_LOADER_BACKEND" not in os.environ:
+                # The opencv default rejects valid 1-frame videos; decord reads them.
+                video["video_backend"] = "decord"
 
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:

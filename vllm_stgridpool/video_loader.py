@@ -93,7 +93,17 @@ class DecordVideoLoader(VideoLoader):
             num_frames=num_frames, fps=fps, max_duration=max_duration
         )
         frame_indices = cls.compute_frames_index_to_sample(source, target, **kwargs)
-        frames = _decode(lambda: reader.get_batch(frame_indices))
+        try:
+            frames = _decode(lambda: reader.get_batch(frame_indices))
+            if frames.shape[-1] != 3:
+                raise ValueError(f"decord returned {frames.shape[-1]} channels instead of 3")
+        except ValueError as decord_error:
+            # decord 0.6 mis-sizes frames of some narrow widths (1, 2, 3, 4, 6,
+            # 8, 12, 16, ...); PyAV decodes those. Truly broken input fails both.
+            try:
+                frames = _decode_with_pyav(data, frame_indices)
+            except ValueError:
+                raise decord_error from None
         return frames, cls.create_hf_metadata(
             source=source,
             valid_frame_indices=frame_indices,
@@ -138,6 +148,28 @@ def _decode(read) -> npt.NDArray:
     except Exception as error:
         raise _undecodable(error) from error
     return torch.utils.dlpack.from_dlpack(batch.to_dlpack()).numpy()
+
+
+def _decode_with_pyav(data: bytes, frame_indices: list[int]) -> npt.NDArray:
+    """The frames at ``frame_indices`` (in decode order), decoded by PyAV from memory."""
+    import av
+    import numpy as np
+
+    wanted = set(frame_indices)
+    picked = {}
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                if index in wanted:
+                    picked[index] = frame.to_ndarray(format="rgb24")
+                if len(picked) == len(wanted):
+                    break
+    except av.FFmpegError as error:
+        raise ValueError(f"Could not decode video with PyAV: {error}") from error
+    missing = wanted - picked.keys()
+    if missing:
+        raise ValueError(f"Could not decode video: frames {sorted(missing)[:5]} are unreadable")
+    return np.stack([picked[i] for i in frame_indices])
 
 
 def _undecodable(error: Exception) -> ValueError:

@@ -1,0 +1,46 @@
+"""Helpers that start real vLLM engines for the integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RUNNER = Path(__file__).with_name("engine_runner.py")
+
+# float32 so vLLM and transformers agree token for token; a KV cache sized
+# explicitly (the default 92% of memory fails on these machines).
+ENGINE_KWARGS = {
+    "max_model_len": 16384,
+    "dtype": "float32",
+    "kv_cache_memory_bytes": 256 << 20,
+    "enforce_eager": True,
+    "limit_mm_per_prompt": {"video": 1},
+}
+
+
+def run_engine(model, batches, *, plugins: str | None, hf_overrides=None, timeout=900, **extra) -> list:
+    """Start ``vllm.LLM`` in a subprocess with ``VLLM_PLUGINS=plugins`` (None: unset) and run ``batches``."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    if plugins is not None:
+        env["VLLM_PLUGINS"] = plugins
+    env.update(extra.pop("env", {}))
+    llm_kwargs = {**ENGINE_KWARGS, **extra.pop("llm_kwargs", {})}
+    if hf_overrides is not None:
+        llm_kwargs["hf_overrides"] = hf_overrides
+    job = {"model": str(model), "llm_kwargs": llm_kwargs, "batches": batches, **extra}
+    done = subprocess.run(
+        [sys.executable, str(RUNNER)],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=RUNNER.parent,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("ENGINE_RESULT "):
+            return json.loads(line.removeprefix("ENGINE_RESULT "))
+    raise AssertionError(f"engine run failed ({done.returncode}):\n{done.stderr[-6000:]}")

@@ -1,0 +1,163 @@
+"""The plugin inside a real vLLM engine (offline ``LLM.generate``), on tiny local checkpoints.
+
+Every expected token count comes from the tokenizer (text tokens) plus the
+spec's formula ``T * H' * W'`` (+1 newline for LLaVA-OneVision), computed
+here from the grid, not from the plugin.
+"""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from tests.engine_runner import NEXT_VIDEO_PROMPT, PROMPT
+from tests.engines import run_engine
+
+pytestmark = pytest.mark.engine
+
+FRAME_COUNTS = (1, 7, 16, 33)
+
+
+def per_frame(grid: int, kernel: int) -> int:
+    return ((grid - kernel) // kernel + 1) ** 2
+
+
+def text_tokens(checkpoint, prompt: str) -> int:
+    """Prompt tokens other than the single ``<video>`` placeholder."""
+    return len(AutoTokenizer.from_pretrained(checkpoint)(prompt)["input_ids"]) - 1
+
+
+@pytest.fixture(scope="module")
+def onevision_active(onevision_checkpoint):
+    batches = [[{"frames": t}] for t in FRAME_COUNTS]
+    batches += [
+        [{"frames": 16, "seed": 1}, {"frames": 10, "seed": 2}, {"frames": 5, "seed": 3}],  # 4
+        [{"frames": 10, "seed": 2}],  # 5
+        [{"frames": 5, "seed": 3}],  # 6
+        [{"frames": 16, "seed": 1}],  # 7
+        [{"frames": 16, "mm": {"stgridpool": {"kernel_size": 3}}}],  # 8
+        [{"frames": 16, "mm": {"stgridpool": {"kernel_size": 1}}}],  # 9: costs more: rejected
+        [{"frames": 65}],  # 10: more than max_frames
+        [{"frames": 16}, {"frames": 16, "mm": {"stgridpool": {"kernel_size": 3}}}],  # 11
+        [{"frames": 16, "mm": {"stgridpool": {"kernel_size": 0}}}],  # 12
+    ]
+    return run_engine(
+        onevision_checkpoint,
+        batches,
+        plugins="stgridpool",
+        hf_overrides={"stgridpool": {}},
+        llm_kwargs={"limit_mm_per_prompt": {"video": 3}},
+    )
+
+
+def test_onevision_prompt_tokens_follow_the_formula(onevision_active, onevision_checkpoint):
+    text = text_tokens(onevision_checkpoint, PROMPT)
+    for t, result in zip(FRAME_COUNTS, onevision_active):
+        assert result[0]["prompt_len"] == text + t * per_frame(27, 2) + 1, t
+
+
+def test_the_paper_setting_saves_tokens_against_stock(onevision_active, onevision_checkpoint):
+    text = text_tokens(onevision_checkpoint, PROMPT)
+    sixteen = onevision_active[2][0]["prompt_len"] - text
+    assert sixteen == 16 * 169 + 1 < 16 * 196 + 1
+
+
+def test_mixed_frame_counts_in_one_batch_equal_one_at_a_time(onevision_active):
+    batch = onevision_active[4]
+    singles = [onevision_active[7][0], onevision_active[5][0], onevision_active[6][0]]
+    assert batch == singles
+
+
+def test_request_override_changes_the_count(onevision_active, onevision_checkpoint):
+    text = text_tokens(onevision_checkpoint, PROMPT)
+    assert onevision_active[8][0]["prompt_len"] == text + 16 * per_frame(27, 3) + 1
+
+
+def test_override_that_costs_more_is_rejected(onevision_active):
+    error = onevision_active[9]["error"]
+    assert "kernel_size" in error and "more than this server" in error
+
+
+def test_bad_override_value_is_rejected(onevision_active):
+    assert "kernel_size" in onevision_active[12]["error"]
+
+
+def test_more_frames_than_max_frames_is_rejected(onevision_active):
+    error = onevision_active[10]["error"]
+    assert "max_frames" in error and "65" in error
+
+
+def test_two_settings_in_one_batch(onevision_active, onevision_checkpoint):
+    text = text_tokens(onevision_checkpoint, PROMPT)
+    default, coarse = onevision_active[11]
+    assert default["prompt_len"] == text + 16 * 169 + 1
+    assert coarse["prompt_len"] == text + 16 * 81 + 1
+    assert default == onevision_active[2][0]
+
+
+def test_not_active_is_stock(onevision_checkpoint):
+    batches = [[{"frames": 7}], [{"frames": 16, "seed": 4}]]
+    stock = run_engine(onevision_checkpoint, batches, plugins="")
+    loaded_but_inactive = run_engine(onevision_checkpoint, batches, plugins=None)
+    disabled = run_engine(
+        onevision_checkpoint, batches, plugins="stgridpool", hf_overrides={"stgridpool": {"enabled": False}}
+    )
+    text = text_tokens(onevision_checkpoint, PROMPT)
+    assert stock[0][0]["prompt_len"] == text + 7 * 196 + 1
+    assert loaded_but_inactive == stock
+    assert disabled == stock
+
+
+def test_next_video_prompt_tokens_follow_the_formula(next_video_checkpoint):
+    batches = [[{"frames": t}] for t in FRAME_COUNTS]
+    batches.append([{"frames": 16, "mm": {"stgridpool": {"kernel_size": 3}}}])
+    results = run_engine(
+        next_video_checkpoint, batches, plugins="stgridpool", prompt=NEXT_VIDEO_PROMPT
+    )
+    text = text_tokens(next_video_checkpoint, NEXT_VIDEO_PROMPT)
+    for t, result in zip(FRAME_COUNTS, results):
+        assert result[0]["prompt_len"] == text + t * per_frame(24, 2), t
+    assert results[-1][0]["prompt_len"] == text + 16 * per_frame(24, 3)
+
+
+def test_tensor_parallel_2_gives_the_same_tokens(onevision_active, onevision_checkpoint):
+    results = run_engine(
+        onevision_checkpoint,
+        [[{"frames": 16}]],
+        plugins="stgridpool",
+        hf_overrides={"stgridpool": {}},
+        llm_kwargs={"tensor_parallel_size": 2},
+        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+    )
+    assert results[0] == onevision_active[2]
+
+
+def test_parity_with_transformers(onevision_active, onevision_checkpoint):
+    """transformers' own LLaVA-OneVision, its video pooling and its processor's count swapped for ST-GridPool."""
+    import torch
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    from tests.engine_runner import video
+    from vllm_stgridpool import STGridPoolConfig, st_gridpool
+
+    config = STGridPoolConfig()
+    frames = video(16, seed=0)
+    processor = AutoProcessor.from_pretrained(onevision_checkpoint)
+    processor.replace_video_token = lambda inputs, video_idx, **_: processor.video_token * (
+        config.num_tokens(len(inputs["pixel_values_videos"][video_idx]), 27, 27) + 1
+    )
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        onevision_checkpoint, dtype=torch.float32
+    ).eval()
+
+    def gridpool(features: torch.Tensor) -> torch.Tensor:  # (frames, 729, D) of one video
+        pooled = st_gridpool(features.view(1, features.shape[0], 27, 27, -1), config)
+        return pooled.reshape(features.shape[0], -1, features.shape[-1])
+
+    model.model.apply_pooling = gridpool
+    inputs = processor(text=PROMPT, videos=[frames], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    prompt_len = inputs["input_ids"].shape[1]
+    assert prompt_len == onevision_active[2][0]["prompt_len"]
+    assert out[0, prompt_len:].tolist() == onevision_active[2][0]["tokens"]

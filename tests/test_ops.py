@@ -1,0 +1,422 @@
+"""Tests of the ST-GridPool operator against the plain reference and the spec."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from reference_stgridpool import (  # noqa: E402
+    build_mosaic,
+    mosaic_layout,
+    nsp,
+    ptg,
+    sample_indices,
+    st_gridpool_reference,
+)
+
+from vllm_stgridpool import STGridPoolConfig, st_gridpool  # noqa: E402
+
+P_VALUES = (0.5, 1.0, 2.0, 3.0, 2.5)
+
+
+def make_config(grid_sizes=(4, 4, 4), grid_strides=(2, 4, 8), kernel_size=2, temperature=1.0, norm_p=2.0):
+    return STGridPoolConfig.from_dict(
+        {
+            "grid_sizes": list(grid_sizes),
+            "grid_strides": list(grid_strides),
+            "kernel_size": kernel_size,
+            "temperature": float(temperature),
+            "norm_p": float(norm_p),
+        }
+    )
+
+
+def reference(x, cfg):
+    return st_gridpool_reference(
+        x, cfg.grid_sizes, cfg.grid_strides, cfg.kernel_size, cfg.temperature, cfg.norm_p
+    )
+
+
+def randn(*shape, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=dtype)
+
+
+def frame_index_video(T, H, W, D=1):
+    """Frames that are constant, each holding its own frame index."""
+    return torch.arange(T, dtype=torch.float64).view(T, 1, 1, 1).expand(T, H, W, D).clone()
+
+
+def changed_frames(before, after):
+    return [t for t in range(before.shape[0]) if not torch.equal(before[t], after[t])]
+
+
+# --------------------------------------------------------------------------
+# (a) fast path == reference on random float64 inputs
+# --------------------------------------------------------------------------
+
+
+@st.composite
+def cases(draw):
+    H = draw(st.integers(2, 30))
+    W = draw(st.integers(2, 30))
+    levels = draw(st.integers(0, 3))
+    return {
+        "T": draw(st.integers(1, 80)),
+        "H": H,
+        "W": W,
+        "D": draw(st.integers(1, 8)),
+        "grid_sizes": [draw(st.integers(1, 9)) for _ in range(levels)],
+        "grid_strides": [draw(st.integers(1, 8)) for _ in range(levels)],
+        "kernel_size": draw(st.integers(1, min(4, H, W))),
+        "temperature": draw(st.floats(-3.0, 3.0, allow_nan=False)),
+        "norm_p": draw(st.sampled_from(P_VALUES)),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+PAPER_16 = dict(T=16, H=27, W=27, D=4, grid_sizes=[4, 4, 4], grid_strides=[2, 4, 8],
+                kernel_size=2, temperature=1.0, norm_p=2.0, seed=1)
+PAPER_64 = dict(PAPER_16, T=64, D=3, seed=2)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases())
+@example(case=PAPER_16)
+@example(case=PAPER_64)
+@example(case=dict(PAPER_64, kernel_size=3, temperature=-2.0, norm_p=0.5, seed=3))
+@example(case=dict(PAPER_16, T=33, H=24, W=17, grid_sizes=[3, 6, 8], grid_strides=[1, 2, 3], seed=4))
+@example(case=dict(PAPER_16, T=40, H=2, W=3, D=2, grid_sizes=[9, 7], grid_strides=[1, 2], kernel_size=1, seed=5))
+@example(case=dict(PAPER_16, T=1, H=5, W=4, grid_sizes=[1], grid_strides=[1], temperature=0.0, norm_p=0.5, seed=6))
+def test_matches_reference(case):
+    cfg = make_config(case["grid_sizes"], case["grid_strides"], case["kernel_size"],
+                      case["temperature"], case["norm_p"])
+    x = randn(case["T"], case["H"], case["W"], case["D"], seed=case["seed"])
+    got = st_gridpool(x, cfg)
+    want = reference(x, cfg)
+    assert got.shape == want.shape
+    assert got.dtype == torch.float64
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= 1e-9, f"max abs error {err} for {case}"
+
+
+# --------------------------------------------------------------------------
+# (b) the spec's worked examples, checked directly
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "T, s, expected",
+    [
+        (16, 2, [1, 3, 5, 7, 9, 11, 13, 15]),
+        (7, 2, [1, 4, 6]),
+        (9, 2, [1, 4, 6, 8]),
+        (10, 4, [4, 9]),
+        (16, 8, [7, 15]),
+        (64, 8, [7, 15, 23, 31, 39, 47, 55, 63]),
+        (3, 4, []),
+    ],
+)
+def test_sample_indices(T, s, expected):
+    assert sample_indices(T, s) == expected
+
+
+@pytest.mark.parametrize(
+    "g, layout",
+    [(1, (1, 1)), (2, (2, 1)), (3, (3, 1)), (4, (2, 2)), (6, (3, 2)), (8, (4, 2)), (9, (3, 3)), (12, (4, 3))],
+)
+def test_mosaic_layout(g, layout):
+    assert mosaic_layout(g) == layout
+
+
+def test_mosaic_placement_row_major():
+    """Frame j sits at tile row j // cols, tile column j % cols."""
+    frames = [torch.full((12, 6, 1), float(j), dtype=torch.float64) for j in range(6)]
+    m = build_mosaic(frames, 6)  # 3 rows x 2 cols, tiles 4 x 3
+    for j in range(6):
+        r, c = j // 2, j % 2
+        assert torch.all(m[r * 4:(r + 1) * 4, c * 3:(c + 1) * 3] == j)
+    frames = [torch.full((6, 5, 1), float(j), dtype=torch.float64) for j in range(3)]
+    m = build_mosaic(frames, 3)  # 3 rows x 1 col, tiles 2 x 5
+    for j in range(3):
+        assert torch.all(m[2 * j:2 * j + 2] == j)
+
+
+def test_mosaic_crop_27():
+    """27 x 27, 2 x 2: tiles 14 x 14, mosaic 28 x 28 cropped to its top-left."""
+    frames = [torch.full((27, 27, 2), float(v), dtype=torch.float64) for v in (1, 3, 5, 7)]
+    m = build_mosaic(frames, 4)
+    assert m.shape == (27, 27, 2)
+    assert torch.all(m[:14, :14] == 1) and torch.all(m[:14, 14:] == 3)
+    assert torch.all(m[14:, :14] == 5) and torch.all(m[14:, 14:] == 7)
+
+
+def test_worked_example_t16_values():
+    """T=16, defaults, 4 x 4 frames holding their index, kernel 1 (NSP is the identity)."""
+    x = frame_index_video(16, 4, 4)
+    m7 = torch.tensor([[1, 1, 3, 3], [1, 1, 3, 3], [5, 5, 7, 7], [5, 5, 7, 7]], dtype=torch.float64)
+    # Level 2 tiles: frame 3, level-1 mosaic at 7, frame 11, level-1 mosaic at 15, each halved.
+    m15 = torch.tensor([[3, 3, 1, 3], [3, 3, 5, 7], [11, 11, 9, 11], [11, 11, 13, 15]], dtype=torch.float64)
+    expected = x.clone()
+    expected[7, :, :, 0] = m7
+    expected[15, :, :, 0] = m15
+    cfg = make_config(kernel_size=1)
+    for y in (reference(x, cfg), st_gridpool(x, cfg)):
+        assert changed_frames(x, y) == [7, 15]
+        torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+
+
+def expected_pyramid(x, plan):
+    """Apply hand-written (sources, target) chunks level by level with build_mosaic."""
+    stages = [x]
+    cur = x
+    for chunks in plan:
+        nxt = cur.clone()
+        for sources, target in chunks:
+            nxt[target] = build_mosaic([cur[i] for i in sources], len(sources))
+        stages.append(nxt)
+        cur = nxt
+    return stages
+
+
+PLAN_T16 = [
+    [((1, 3, 5, 7), 7), ((9, 11, 13, 15), 15)],
+    [((3, 7, 11, 15), 15)],
+    [],
+]
+PLAN_T64 = [
+    [((8 * c + 1, 8 * c + 3, 8 * c + 5, 8 * c + 7), 8 * c + 7) for c in range(8)],
+    [((16 * c + 3, 16 * c + 7, 16 * c + 11, 16 * c + 15), 16 * c + 15) for c in range(4)],
+    [((7, 15, 23, 31), 31), ((39, 47, 55, 63), 63)],
+]
+
+
+@pytest.mark.parametrize("T, plan", [(16, PLAN_T16), (64, PLAN_T64)])
+def test_worked_example_levels(T, plan):
+    """Which frames each level replaces, and with what, for the paper's defaults."""
+    x = randn(T, 27, 27, 2, seed=T)
+    stages = expected_pyramid(x, plan)
+    sizes, strides = (4, 4, 4), (2, 4, 8)
+    for level in range(1, 4):
+        expected_changed = sorted(target for _, target in plan[level - 1])
+        cfg = make_config(sizes[:level], strides[:level], kernel_size=1)
+        prev_cfg = make_config(sizes[:level - 1], strides[:level - 1], kernel_size=1)
+        runs = [
+            (ptg(x, sizes[:level - 1], strides[:level - 1]), ptg(x, sizes[:level], strides[:level])),
+            (st_gridpool(x, prev_cfg), st_gridpool(x, cfg)),
+        ]
+        for before, after in runs:
+            assert changed_frames(before, after) == expected_changed
+            torch.testing.assert_close(after, stages[level], rtol=0, atol=1e-12)
+
+
+def test_worked_example_t64_replaced_frames():
+    """T=64: level 1 replaces 7, 15, ..., 63; level 2 15, 31, 47, 63; level 3 31 and 63."""
+    x = frame_index_video(64, 8, 8)
+    y1 = ptg(x, (4,), (2,))
+    y2 = ptg(x, (4, 4), (2, 4))
+    y3 = ptg(x, (4, 4, 4), (2, 4, 8))
+    assert changed_frames(x, y1) == list(range(7, 64, 8))
+    assert changed_frames(y1, y2) == [15, 31, 47, 63]
+    assert changed_frames(y2, y3) == [31, 63]
+    # Level-1 mosaic at frame 7 averages to the mean of frames 1, 3, 5, 7.
+    assert y1[7].mean().item() == pytest.approx(4.0)
+    # Frame 31 at level 3 holds frames 7, 15, 23, 31 as level 2 left them.
+    for tile, src in zip(((0, 0), (0, 1), (1, 0), (1, 1)), (7, 15, 23, 31)):
+        r, c = tile
+        got = y3[31, 4 * r:4 * r + 4, 4 * c:4 * c + 4].mean().item()
+        assert got == pytest.approx(y2[src].mean().item())
+
+
+def test_nsp_by_hand():
+    """One 2 x 2 window, D=1: weights softmax(beta * |x|)."""
+    x = torch.tensor([[1.0, -2.0, 9.0], [3.0, 4.0, 9.0], [9.0, 9.0, 9.0]], dtype=torch.float64)
+    x = x.view(1, 3, 3, 1)
+    beta = 0.7
+    vals = [1.0, -2.0, 3.0, 4.0]
+    w = [math.exp(beta * abs(v)) for v in vals]
+    want = sum(wi * v for wi, v in zip(w, vals)) / sum(w)
+    got = nsp(x, 2, beta, 3.0)
+    assert got.shape == (1, 1, 1, 1)  # the last row and column are dropped
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    cfg = make_config((), (), kernel_size=2, temperature=beta, norm_p=3.0)
+    assert st_gridpool(x, cfg).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_nsp_score_normalised_by_dim():
+    """Score is ||x||_p / D ** (1/p): one token (3, 4) and three zero tokens, p=2, D=2."""
+    x = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    x[0, 0, 0] = torch.tensor([3.0, 4.0])
+    score = 5.0 / math.sqrt(2.0)
+    w = math.exp(score) / (math.exp(score) + 3.0)
+    want = torch.tensor([3.0 * w, 4.0 * w], dtype=torch.float64)
+    cfg = make_config((), (), kernel_size=2, temperature=1.0, norm_p=2.0)
+    torch.testing.assert_close(nsp(x, 2, 1.0, 2.0)[0, 0, 0], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st_gridpool(x, cfg)[0, 0, 0], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "H, W, k, grid",
+    [(27, 27, 2, (13, 13)), (27, 27, 3, (9, 9)), (24, 24, 2, (12, 12)), (24, 24, 3, (8, 8)), (5, 7, 2, (2, 3))],
+)
+def test_output_grid(H, W, k, grid):
+    cfg = STGridPoolConfig.from_dict({"kernel_size": k})
+    assert cfg.output_grid(H, W) == grid
+    assert cfg.num_tokens(10, H, W) == 10 * grid[0] * grid[1]
+
+
+def test_token_counts_table():
+    k2 = STGridPoolConfig()
+    k3 = STGridPoolConfig.from_dict({"kernel_size": 3})
+    assert k2.num_tokens(1, 27, 27) == 169 and k3.num_tokens(1, 27, 27) == 81
+    assert k2.num_tokens(1, 24, 24) == 144 and k3.num_tokens(1, 24, 24) == 64
+    stock_per_frame = math.ceil(27 / 2) ** 2
+    assert stock_per_frame == 196
+    assert 64 * stock_per_frame + 1 == 12545
+    assert k2.num_tokens(64, 27, 27) + 1 == 10817
+
+
+# --------------------------------------------------------------------------
+# (c) devices, compilation, dtypes, batching, input safety, errors, config
+# --------------------------------------------------------------------------
+
+
+def test_meta_device():
+    cfg = STGridPoolConfig()
+    y = st_gridpool(torch.empty(64, 27, 27, 896, device="meta"), cfg)
+    assert y.device.type == "meta" and y.shape == (64, 13, 13, 896)
+    y = st_gridpool(torch.empty(2, 16, 24, 24, 8, device="meta", dtype=torch.bfloat16),
+                    STGridPoolConfig.from_dict({"kernel_size": 3}))
+    assert y.device.type == "meta" and y.shape == (2, 16, 8, 8, 8) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(16, 27, 27, 8), (2, 9, 24, 24, 4)])
+def test_compile_fullgraph_matches_eager(shape):
+    """fullgraph=True raises on any graph break."""
+    torch._dynamo.reset()
+    cfg = STGridPoolConfig()
+    x = randn(*shape, seed=5, dtype=torch.float32)
+    compiled = torch.compile(lambda v: st_gridpool(v, cfg), fullgraph=True)
+    got = compiled(x)
+    torch.testing.assert_close(got, st_gridpool(x, cfg), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_low_precision_close_to_float32(dtype, tol):
+    """Same rounded input: bf16 within 3e-2, fp16 within 5e-3 (abs and rel) of float32."""
+    cfg = STGridPoolConfig()
+    x = randn(32, 27, 27, 16, seed=6, dtype=torch.float32).to(dtype)
+    got = st_gridpool(x, cfg)
+    assert got.dtype == dtype and got.shape == (32, 13, 13, 16)
+    want = st_gridpool(x.float(), cfg)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_batch_equals_per_video():
+    cfg = make_config((4, 3), (2, 3), kernel_size=2, temperature=-1.5, norm_p=1.0)
+    x = randn(3, 20, 11, 9, 5, seed=7)
+    y = st_gridpool(x, cfg)
+    assert y.shape == (3, 20, 5, 4, 5)
+    for b in range(3):
+        torch.testing.assert_close(y[b], st_gridpool(x[b], cfg), rtol=0, atol=1e-12)
+        torch.testing.assert_close(y[b], reference(x[b], cfg), rtol=0, atol=1e-9)
+
+
+def test_input_untouched_and_non_contiguous():
+    cfg = STGridPoolConfig()
+    x = randn(16, 27, 27, 6, seed=8)
+    keep = x.clone()
+    st_gridpool(x, cfg)
+    assert torch.equal(x, keep)
+    # (T, D, W, H) storage viewed as (T, H, W, D): not contiguous.
+    base = randn(16, 6, 25, 27, seed=9)
+    view = base.permute(0, 3, 2, 1)
+    assert not view.is_contiguous()
+    keep = base.clone()
+    got = st_gridpool(view, cfg)
+    assert torch.equal(base, keep)
+    torch.testing.assert_close(got, reference(view.contiguous(), cfg), rtol=0, atol=1e-9)
+    sliced = randn(32, 27, 27, 6, seed=10)[::2]
+    torch.testing.assert_close(st_gridpool(sliced, cfg), reference(sliced.contiguous(), cfg), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "x, word",
+    [
+        (torch.zeros(27, 27, 8), "dim"),
+        (torch.zeros(27, 8), "dim"),
+        (torch.zeros(4, 1, 27, 8), "kernel"),
+        (torch.zeros(4, 27, 1, 8), "kernel"),
+        (torch.zeros(4, 27, 27, 8, dtype=torch.int64), "dtype"),
+        (torch.zeros(4, 27, 27, 8, dtype=torch.int32), "dtype"),
+    ],
+)
+def test_bad_input(x, word):
+    with pytest.raises(ValueError, match=f"(?i){word}"):
+        st_gridpool(x, STGridPoolConfig())
+
+
+def test_kernel_larger_than_grid():
+    with pytest.raises(ValueError, match="(?i)kernel"):
+        st_gridpool(torch.zeros(4, 3, 9, 2), STGridPoolConfig.from_dict({"kernel_size": 4}))
+
+
+def test_config_defaults():
+    cfg = STGridPoolConfig()
+    assert tuple(cfg.grid_sizes) == (4, 4, 4)
+    assert tuple(cfg.grid_strides) == (2, 4, 8)
+    assert cfg.kernel_size == 2 and cfg.temperature == 1.0 and cfg.norm_p == 2.0
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"grid_sizes": [4, 4], "grid_strides": [2, 4, 8]}, "grid_s"),
+        ({"grid_sizes": [4, 0, 4]}, "grid_sizes"),
+        ({"grid_sizes": [4, -1, 4]}, "grid_sizes"),
+        ({"grid_strides": [2, 0, 8]}, "grid_strides"),
+        ({"grid_strides": [-2, 4, 8]}, "grid_strides"),
+        ({"kernel_size": 0}, "kernel_size"),
+        ({"kernel_size": -3}, "kernel_size"),
+        ({"norm_p": 0.0}, "norm_p"),
+        ({"norm_p": -1.0}, "norm_p"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": float("-inf")}, "temperature"),
+        ({"bogus_key": 1}, "bogus_key"),
+    ],
+)
+def test_config_validation(values, field):
+    with pytest.raises(ValueError, match=field):
+        STGridPoolConfig.from_dict(values)
+
+
+def test_config_unknown_key_lists_allowed():
+    with pytest.raises(ValueError, match="kernel_size"):
+        STGridPoolConfig.from_dict({"kernel": 2})
+
+
+def test_config_round_trip():
+    cfg = make_config((3, 6), (1, 5), kernel_size=3, temperature=-0.25, norm_p=2.5)
+    d = cfg.to_dict()
+    assert type(d) is dict
+    json.dumps(d)
+    assert STGridPoolConfig.from_dict(d) == cfg
+    assert STGridPoolConfig.from_dict(STGridPoolConfig().to_dict()) == STGridPoolConfig()
+
+
+def test_config_frozen():
+    cfg = STGridPoolConfig()
+    with pytest.raises(AttributeError):
+        cfg.kernel_size = 3
+    with pytest.raises(AttributeError):
+        cfg.temperature = 2.0
