@@ -5,6 +5,10 @@ frames they replace and the output grid are functions of (T, H, W) and the
 config alone. Computing them once on the host (and caching them) is what
 lets the stage run with static shapes and no host-device synchronisation,
 and lets the vLLM processor know the token count before the model runs.
+
+Frames live in "stores": store -1 is the input video, store ``l`` holds the
+mosaics built by level ``l`` (in chunk order). Every read the stage makes
+is a (store, rows) pair.
 """
 
 from __future__ import annotations
@@ -17,18 +21,17 @@ import torch
 
 from vllm_stgridpool.config import STGridPoolConfig
 
+INPUT = -1  # the store holding the input frames
 
-@dataclass(frozen=True)
-class FrameSource:
-    """Where a frame's current value lives: the input, or an earlier mosaic."""
-
-    from_input: bool
-    index: int  # frame index into the input, or row into the stack of mosaics
+Reads = tuple[tuple[int, tuple[int, ...]], ...]  # ((store, rows), ...)
 
 
 @dataclass(frozen=True)
 class LevelPlan:
-    """One PTG level: ``chunks`` mosaics of ``grid`` frames each."""
+    """One PTG level: ``chunks`` mosaics of ``grid`` frames each.
+
+    Plain fields only, so ``torch.compile`` reads them as constants.
+    """
 
     grid: int
     stride: int
@@ -36,12 +39,10 @@ class LevelPlan:
     rows: int
     cols: int
     tile: tuple[int, int]  # (h, w) each frame is resized to
-    sources: tuple[FrameSource, ...]  # value of each used sampled frame, in chunk order
+    reads: Reads  # the used sampled frames, grouped by store, as they were before this level
+    order: tuple[int, ...] | None  # puts the grouped reads back in chunk order (None: already)
     targets: tuple[int, ...]  # frame replaced by each mosaic
-
-    @property
-    def chunks(self) -> int:
-        return len(self.targets)
+    chunks: int
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ class Plan:
     width: int
     kernel_size: int
     levels: tuple[LevelPlan, ...]  # only the levels that build at least one mosaic
-    replaced: tuple[int, ...]  # frames whose final value is a mosaic, ascending
-    replaced_from: tuple[int, ...]  # row of each replaced frame's mosaic in the stack
+    final_reads: Reads  # the mosaics that are some frame's final value, grouped by level
+    replaced: tuple[int, ...]  # the frames they replace, in the same order
     out_grid: tuple[int, int]
 
     @property
@@ -84,8 +85,7 @@ def mosaic_layout(grid: int) -> tuple[int, int]:
 def make_plan(num_frames: int, height: int, width: int, config: STGridPoolConfig) -> Plan:
     """Plan ST-GridPool for a (num_frames, height, width) video; cached per shape and config."""
     out_grid = config.output_grid(height, width)
-    current = [FrameSource(True, t) for t in range(num_frames)]
-    mosaics = 0
+    current = [(INPUT, t) for t in range(num_frames)]  # where each frame's value lives now
     levels = []
     for grid, stride in config.levels:
         sampled = sample_indices(num_frames, stride)
@@ -93,8 +93,10 @@ def make_plan(num_frames: int, height: int, width: int, config: STGridPoolConfig
         if chunks == 0:
             continue
         used = sampled[: chunks * grid]
+        reads, order = _group_reads([current[i] for i in used])  # snapshot before this level writes
         rows, cols = mosaic_layout(grid)
         targets = tuple(used[(c + 1) * grid - 1] for c in range(chunks))
+        level_store = len(levels)
         levels.append(
             LevelPlan(
                 grid=grid,
@@ -103,21 +105,47 @@ def make_plan(num_frames: int, height: int, width: int, config: STGridPoolConfig
                 rows=rows,
                 cols=cols,
                 tile=(math.ceil(height / rows), math.ceil(width / cols)),
-                sources=tuple(current[i] for i in used),  # snapshot before this level writes
+                reads=reads,
+                order=order,
                 targets=targets,
+                chunks=chunks,
             )
         )
         for c, target in enumerate(targets):
-            current[target] = FrameSource(False, mosaics + c)
-        mosaics += chunks
-    replaced = tuple(t for t, src in enumerate(current) if not src.from_input)
+            current[target] = (level_store, c)
+    replaced = [t for t, (store, _) in enumerate(current) if store != INPUT]
+    final_reads, order = _group_reads([current[t] for t in replaced])
+    if order is not None:
+        replaced = [replaced[i] for i in _inverse(order)]
     return Plan(
         num_frames=num_frames,
         height=height,
         width=width,
         kernel_size=config.kernel_size,
         levels=tuple(levels),
-        replaced=replaced,
-        replaced_from=tuple(current[t].index for t in replaced),
+        final_reads=final_reads,
+        replaced=tuple(replaced),
         out_grid=out_grid,
     )
+
+
+def _group_reads(sources: list[tuple[int, int]]) -> tuple[Reads, tuple[int, ...] | None]:
+    """Group (store, row) reads by store; ``order[i]`` is where read ``i`` lands in the grouping."""
+    stores = sorted({store for store, _ in sources})
+    reads = tuple((store, tuple(row for s, row in sources if s == store)) for store in stores)
+    position, offset = {}, 0
+    for store, rows in reads:
+        position[store], offset = offset, offset + len(rows)
+    order = []
+    for store, _ in sources:
+        order.append(position[store])
+        position[store] += 1
+    identity = all(i == j for i, j in enumerate(order))
+    return reads, None if identity else tuple(order)
+
+
+def _inverse(order: tuple[int, ...]) -> list[int]:
+    inverse = [0] * len(order)
+    for i, j in enumerate(order):
+        inverse[j] = i
+    return inverse
