@@ -14,7 +14,7 @@ import contextvars
 import logging
 import threading
 
-logger = logging.getLogger("vllm_stgridpool")
+logger = logging.getLogger("vllm.stgridpool")
 
 _lock = threading.Lock()
 _counters = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-logger = logging.getLogger("vllm_stgridpool")
+logger = logging.getLogger("vllm.stgridpool")
 
 SUPPORTED_VLLM = ("0.32.",)
 
@@ -48,6 +48,9 @@ def register() -> None:
     from vllm import ModelRegistry
 
     check_vllm_version(vllm.__version__)
+    from vllm_stgridpool.compat import model_redirect
+
+    model_redirect.apply(vllm.__version__)
     for architecture, model_class in _MODELS.items():
         ModelRegistry.register_model(architecture, model_class)
     _register_frame_sampling_default()

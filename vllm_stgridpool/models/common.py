@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 
@@ -34,7 +33,6 @@ from vllm_stgridpool.activation import (
 from vllm_stgridpool.config import STGridPoolConfig, STGridPoolSettings
 from vllm_stgridpool.ops import st_gridpool
 
-logger = logging.getLogger(__name__)
 
 CONFIG_FIELD = "stgridpool_config"
 

@@ -1,0 +1,129 @@
+"""When ST-GridPool is active, and which config each request runs with (no engine needed)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from vllm_stgridpool import STGridPoolConfig
+from vllm_stgridpool.activation import (
+    check_num_frames,
+    config_from_row,
+    config_to_row,
+    request_config,
+    settings_for,
+)
+from vllm_stgridpool.config import STGridPoolSettings
+from vllm_stgridpool.plugin import UnsupportedVLLMVersion, check_vllm_version
+
+GRID = (27, 27)
+
+
+def hf_config(**attrs):
+    return types.SimpleNamespace(**attrs)
+
+
+@pytest.fixture(autouse=True)
+def no_plugin_env(monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+
+
+def test_inactive_without_opt_in():
+    assert settings_for(hf_config()) is None
+
+
+@pytest.mark.parametrize("allowlist", ["stgridpool", "lora,stgridpool", " stgridpool "])
+def test_vllm_plugins_naming_it_activates_the_defaults(monkeypatch, allowlist):
+    monkeypatch.setenv("VLLM_PLUGINS", allowlist)
+    assert settings_for(hf_config()) == STGridPoolSettings()
+
+
+def test_vllm_plugins_naming_something_else_stays_stock(monkeypatch):
+    monkeypatch.setenv("VLLM_PLUGINS", "stgridpool2,other")
+    assert settings_for(hf_config()) is None
+
+
+def test_hf_overrides_object_activates_and_configures():
+    settings = settings_for(hf_config(stgridpool={"kernel_size": 3, "max_frames": 32}))
+    assert settings.pool.kernel_size == 3 and settings.max_frames == 32
+
+
+def test_enabled_false_turns_it_off(monkeypatch):
+    monkeypatch.setenv("VLLM_PLUGINS", "stgridpool")
+    assert settings_for(hf_config(stgridpool={"enabled": False})) is None
+
+
+def test_bad_server_config_is_rejected_at_start():
+    with pytest.raises(ValueError, match="max_frames"):
+        settings_for(hf_config(stgridpool={"max_frames": 0}))
+
+
+def test_no_override_uses_the_server_config():
+    settings = STGridPoolSettings.from_dict({"kernel_size": 3})
+    assert request_config(settings, {}, GRID) == settings.pool
+    assert request_config(None, {}, GRID) is None
+
+
+def test_override_merges_over_the_server_config():
+    settings = STGridPoolSettings.from_dict({"temperature": 2.0})
+    config = request_config(settings, {"stgridpool": {"kernel_size": 3}}, GRID)
+    assert config == STGridPoolConfig(kernel_size=3, temperature=2.0)
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ({"kernel_size": 1}, "more than this server"),
+        ({"kernel_size": 28}, "does not fit"),
+        ({"kernel_size": 0}, "kernel_size"),
+        ({"kernel_size": -2}, "kernel_size"),
+        ({"kernel_size": 10**9}, "kernel_size"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"grid_sizes": [4, 4]}, "same length"),
+        ({"grid_sizes": [4] * 10**5, "grid_strides": [2] * 10**5}, "levels"),
+        ({"colour": 1}, "unknown field `colour`"),
+        ({"max_frames": 8}, "unknown field `max_frames`"),
+        ("kernel_size=3", "JSON object"),
+        ([3], "JSON object"),
+    ],
+)
+def test_bad_override_is_rejected_with_the_reason(override, words):
+    with pytest.raises(ValueError, match=words):
+        request_config(STGridPoolSettings(), {"stgridpool": override}, GRID)
+
+
+def test_server_can_forbid_overrides():
+    settings = STGridPoolSettings.from_dict({"allow_request_overrides": False})
+    with pytest.raises(ValueError, match="allow_request_overrides"):
+        request_config(settings, {"stgridpool": {"kernel_size": 3}}, GRID)
+
+
+def test_override_without_stgridpool_enabled_is_rejected():
+    with pytest.raises(ValueError, match="not enabled"):
+        request_config(None, {"stgridpool": {}}, GRID)
+
+
+def test_frame_limits():
+    check_num_frames(STGridPoolSettings(), 64)
+    with pytest.raises(ValueError, match="max_frames 64"):
+        check_num_frames(STGridPoolSettings(), 65)
+    with pytest.raises(ValueError, match="at least one frame"):
+        check_num_frames(None, 0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [STGridPoolConfig(), STGridPoolConfig(grid_sizes=(), grid_strides=(), kernel_size=3, temperature=-0.3),
+     STGridPoolConfig(grid_sizes=(9,) * 8, grid_strides=(1, 2, 3, 4, 5, 6, 7, 8), norm_p=2.5)],
+)
+def test_config_survives_the_trip_to_the_model(config):
+    assert config_from_row(config_to_row(config)) == config
+
+
+def test_plugin_refuses_other_vllm_versions():
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.32.1+cpu")
+    with pytest.raises(UnsupportedVLLMVersion, match="0.33.0"):
+        check_vllm_version("0.33.0")
