@@ -9,17 +9,14 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from vllm_stgridpool.compat import vllm_cli
+from vllm_stgridpool.launch import start_server
 
 VLLM = str(Path(sys.executable).with_name("vllm"))
 
@@ -269,57 +266,19 @@ def build_tiny_qwen2(folder: Path) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_healthy(server: subprocess.Popen, port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"server exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError("server did not become healthy in time")
-
-
-def stop_process_group(server: subprocess.Popen) -> None:
-    """SIGINT first so vLLM shuts its engine down, SIGKILL if it does not."""
-    if server.poll() is not None:
-        return
-    os.killpg(server.pid, signal.SIGINT)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
-
-
 @pytest.mark.engine
 def test_plugins_option_reaches_every_server_process(tmp_path):
     model = build_tiny_qwen2(tmp_path / "tiny-qwen2")
-    log_path = tmp_path / "server.log"
-    port = free_port()
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "DEBUG", "VLLM_PLUGINS": "overridden"}
-    args = [
-        VLLM, "serve", str(model), "--plugins", "stgridpool,no_such_plugin",
-        "--port", str(port), "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20),
+    server = start_server(
+        model, "--plugins", "stgridpool,no_such_plugin",
+        "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20),
         "--max-num-seqs", "4", "--enforce-eager",
-    ]  # fmt: skip
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        try:
-            wait_until_healthy(server, port, time.monotonic() + 240)
-        finally:
-            stop_process_group(server)
-    text = log_path.read_text()
+        env={"VLLM_LOGGING_LEVEL": "DEBUG", "VLLM_PLUGINS": "overridden"},
+        log_path=tmp_path / "server.log",
+        timeout=240,
+    )  # fmt: skip
+    server.stop()
+    text = server.log()
     # The API server process loads plugins before its logging is set up: see the test above.
     for line_prefix in ("(EngineCore pid=", "(VllmWorker-0 pid="):
         assert any(
