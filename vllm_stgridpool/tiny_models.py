@@ -169,6 +169,23 @@ def _check_head_size(hidden: int, heads: int, kv_heads: int) -> None:
         )
 
 
+def _vision_sizes(hidden, layers, image_size, patch_size) -> dict:
+    """A tiny vision tower: it runs once per frame, so it stays small in every build."""
+    return dict(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, image_size=image_size, patch_size=patch_size,
+    )
+
+
+def _text_sizes(tokenizer, ids, hidden, layers, heads, kv_heads) -> dict:
+    return dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=hidden // heads, max_position_embeddings=32768, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+    )
+
+
 def _write_llava_onevision(folder: Path, *, text_hidden, text_layers, text_heads, text_kv_heads,
                            vision_hidden, vision_layers, seed) -> None:
     from transformers import (
@@ -187,16 +204,10 @@ def _write_llava_onevision(folder: Path, *, text_hidden, text_layers, text_heads
     pinpoints = [[image_size * h, image_size * w] for h in range(1, 7) for w in range(1, 7)]
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(
-            hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-            num_hidden_layers=vision_layers, num_attention_heads=2,
-            image_size=image_size, patch_size=patch_size, vision_use_head=False,
+            **_vision_sizes(vision_hidden, vision_layers, image_size, patch_size), vision_use_head=False,
         ),
         text_config=Qwen2Config(
-            vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
-            num_hidden_layers=text_layers, num_attention_heads=text_heads,
-            num_key_value_heads=text_kv_heads, head_dim=text_hidden // text_heads,
-            max_position_embeddings=32768, tie_word_embeddings=False,
-            bos_token_id=None, eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+            **_text_sizes(tokenizer, ids, text_hidden, text_layers, text_heads, text_kv_heads)
         ),
         image_token_index=ids["image"],
         video_token_index=ids["video"],
@@ -237,16 +248,11 @@ def _write_llava_next_video(folder: Path, *, text_hidden, text_layers, text_head
     square = {"height": image_size, "width": image_size}
     config = LlavaNextVideoConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-            num_hidden_layers=vision_layers, num_attention_heads=2,
-            image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
+            **_vision_sizes(vision_hidden, vision_layers, image_size, patch_size),
+            projection_dim=vision_hidden,
         ),
         text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
-            num_hidden_layers=text_layers, num_attention_heads=text_heads,
-            num_key_value_heads=text_kv_heads, head_dim=text_hidden // text_heads,
-            max_position_embeddings=32768, tie_word_embeddings=False,
-            bos_token_id=None, eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+            **_text_sizes(tokenizer, ids, text_hidden, text_layers, text_heads, text_kv_heads)
         ),
         image_token_index=ids["image"],
         video_token_index=ids["video"],
