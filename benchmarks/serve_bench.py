@@ -1,0 +1,622 @@
+"""Serving benchmark: stock LLaVA-OneVision against ST-GridPool (k=2, k=3) behind vLLM's OpenAI server.
+
+Three servers run one after the other on the same benchmark checkpoint, with
+the same KV-cache size and the same 64 sampled frames per video:
+
+- stock: ``VLLM_PLUGINS=`` (no plugin loads), vLLM's own 2x2 bilinear pooling;
+- stgridpool-k2: ``VLLM_PLUGINS=stgridpool --hf-overrides '{"stgridpool": {}}'``;
+- stgridpool-k3: the same with ``{"stgridpool": {"kernel_size": 3}}``.
+
+For each server it measures
+
+- prompt tokens per video at 8, 16, 32 and 64 frames (``usage.prompt_tokens``
+  of one request each, sent one at a time: stock vLLM cannot batch videos of
+  different lengths);
+- the KV-cache size in tokens as vLLM itself reports it (the start-up line
+  "KV cache size: N tokens", cross-checked against ``num_gpu_blocks x
+  block_size`` of the ``vllm:cache_config_info`` gauge on ``/metrics``), and
+  from it how many 64-frame requests fit at once;
+- closed-loop load with a 64-frame video at several concurrency levels:
+  requests/s, output tokens/s, time to first token and end-to-end latency
+  (p50, p99), plus the peak of ``vllm:num_requests_running`` and
+  ``vllm:kv_cache_usage_perc`` sampled from ``/metrics`` during the level.
+
+Writes ``benchmarks/results/serve_bench.json`` and two PNG plots next to it.
+Usage: ``python benchmarks/serve_bench.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts" / "serve_bench"
+RESULTS = ROOT / "benchmarks" / "results"
+PYTHON = sys.executable
+
+# A text model big enough that prefill and KV size follow the prompt length,
+# small enough that a 64-frame request takes seconds on two CPU cores.
+CHECKPOINT_ARGS = dict(text_hidden=512, text_layers=6, text_heads=8, text_kv_heads=2)
+FRAME_COUNTS = (8, 16, 32, 64)
+SAMPLED_FRAMES = 64  # --media-io-kwargs num_frames, for every server
+KV_FRAMES = 64  # the request size the KV capacity is quoted for
+VIDEO_SIZE = (320, 240)
+PROMPT_TEXT = "Describe the video."
+MAX_MODEL_LEN = 16384
+MAX_BATCHED_TOKENS = 16384
+SERVED_NAME = "llava-bench"
+
+VARIANTS = {
+    "stock": (None, ""),
+    "stgridpool-k2": ({"stgridpool": {}}, "stgridpool"),
+    "stgridpool-k3": ({"stgridpool": {"kernel_size": 3}}, "stgridpool"),
+}
+LABELS = {"stock": "stock (2x2 bilinear)", "stgridpool-k2": "ST-GridPool k=2", "stgridpool-k3": "ST-GridPool k=3"}
+
+KV_LOG_LINE = re.compile(
+    r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x"
+)
+
+
+class LevelResult(msgspec.Struct):
+    concurrency: int
+    requests: int
+    failed: int
+    wall_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    e2e_p50_s: float
+    e2e_p99_s: float
+    prompt_tokens: int
+    peak_running_requests: int
+    peak_kv_cache_usage: float
+    first_error: str | None = None
+
+
+class KVCapacity(msgspec.Struct):
+    """KV-cache size from vLLM's own accounting, and what it means for 64-frame requests."""
+
+    log_tokens: int
+    log_max_concurrency_at_max_model_len: float
+    num_gpu_blocks: int
+    block_size: int
+    tokens_per_request: int
+    max_concurrent_requests: int
+    max_concurrent_requests_by_blocks: int
+
+
+class VariantResult(msgspec.Struct):
+    name: str
+    vllm_plugins: str
+    hf_overrides: dict | None
+    startup_s: float
+    prompt_tokens_by_frames: dict[int, int]
+    kv: KVCapacity
+    levels: list[LevelResult]
+    ratio_to_stock: dict[str, float] = {}
+
+
+class Report(msgspec.Struct):
+    mode: str
+    vllm_version: str
+    machine: str
+    cpu_count: int
+    checkpoint: dict
+    kv_cache_memory_bytes: int
+    max_tokens: int
+    load_frames: int
+    video_size: list[int]
+    variants: list[VariantResult]
+    total_s: float
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def build_checkpoint() -> Path:
+    """The benchmark checkpoint, built once into the git-ignored artifacts/ folder."""
+    from vllm_stgridpool.tiny_models import build_llava_onevision
+
+    started = time.perf_counter()
+    checkpoint = build_llava_onevision(ARTIFACTS / "llava-onevision-bench", **CHECKPOINT_ARGS)
+    print(f"checkpoint: {checkpoint} ({time.perf_counter() - started:.1f} s)", flush=True)
+    return checkpoint
+
+
+def video_url(frames: int, width: int = VIDEO_SIZE[0]) -> str:
+    """A real mp4 as a base64 data URL.
+
+    vLLM caches encoder outputs (and processor outputs) by content hash across
+    requests, so the load phase gives every request its own clip, made distinct
+    by its width; every clip is resized to the same 378 x 378 input, so all
+    cost the same tokens.
+    """
+    from vllm_stgridpool.sample_videos import write_mp4
+
+    path = write_mp4(ARTIFACTS / "videos" / f"clip_{frames}f_{width}w.mp4", frames, width, VIDEO_SIZE[1])
+    return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+# ---------------------------------------------------------------- server
+
+
+class Server:
+    """One vLLM OpenAI server in its own process group, logging to a file."""
+
+    def __init__(self, name: str, checkpoint: Path, kv_bytes: int, overrides, plugins: str):
+        self.name = name
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = ARTIFACTS / "logs" / f"{name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            PYTHON, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(checkpoint), "--served-model-name", SERVED_NAME,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
+            "--kv-cache-memory-bytes", str(kv_bytes), "--dtype", "float32",
+            "--no-enable-prefix-caching", "--seed", "0",
+            "--media-io-kwargs", json.dumps({"video": {"num_frames": SAMPLED_FRAMES}}),
+        ]
+        if overrides is not None:
+            command += ["--hf-overrides", json.dumps(overrides)]
+        env = dict(os.environ, VLLM_PLUGINS=plugins)
+        self.command = command
+        self.log = open(self.log_path, "w")
+        self.log.write(f"# VLLM_PLUGINS={plugins!r}\n# {' '.join(command)}\n")
+        self.log.flush()
+        self.proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=ROOT)
+
+    def wait_ready(self, timeout: float = 900.0) -> float:
+        started = time.perf_counter()
+        with httpx.Client(trust_env=False, timeout=5) as client:
+            while time.perf_counter() - started < timeout:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    if client.get(self.base + "/health").status_code == 200:
+                        return time.perf_counter() - started
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1.0)
+        raise TimeoutError(f"{self.name} server not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def kv_capacity(self, tokens_per_request: int) -> KVCapacity:
+        """Read the KV size from the start-up log and /metrics; they must agree."""
+        found = KV_LOG_LINE.search(self.log_path.read_text())
+        if found is None:
+            raise RuntimeError(f"no 'KV cache size' line in {self.log_path}")
+        log_tokens = int(found.group(1).replace(",", ""))
+        info = _cache_config_info(httpx.get(self.base + "/metrics", trust_env=False, timeout=10).text)
+        blocks, block_size = int(info["num_gpu_blocks"]), int(info["block_size"])
+        if blocks * block_size != log_tokens:
+            print(f"  note: log says {log_tokens} KV tokens, /metrics {blocks} x {block_size}", flush=True)
+        blocks_per_request = -(-tokens_per_request // block_size)
+        return KVCapacity(
+            log_tokens=log_tokens,
+            log_max_concurrency_at_max_model_len=float(found.group(3)),
+            num_gpu_blocks=blocks,
+            block_size=block_size,
+            tokens_per_request=tokens_per_request,
+            max_concurrent_requests=log_tokens // tokens_per_request,
+            max_concurrent_requests_by_blocks=blocks // blocks_per_request,
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Stop the whole process group (API server, engine core, workers)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cache_config_info(metrics_text: str) -> dict[str, str]:
+    for line in metrics_text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            return dict(re.findall(r'(\w+)="([^"]*)"', line))
+    raise RuntimeError("/metrics has no vllm:cache_config_info")
+
+
+def _gauge(metrics_text: str, name: str) -> float:
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# ---------------------------------------------------------------- client
+
+
+class RequestResult(msgspec.Struct):
+    ok: bool
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+async def one_request(client, video_url: str, max_tokens: int) -> RequestResult:
+    """One streamed chat completion; TTFT is the first chunk that carries a choice.
+
+    vLLM sends its first chunk (the role) only once the first token exists, so
+    that chunk marks the end of prefill.
+    """
+    import openai
+
+    started = time.perf_counter()
+    ttft = None
+    usage = None
+    try:
+        stream = await client.chat.completions.create(
+            model=SERVED_NAME,
+            messages=[{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": video_url}},
+                {"type": "text", "text": PROMPT_TEXT},
+            ]}],
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            if ttft is None and chunk.choices:
+                ttft = time.perf_counter() - started
+            if chunk.usage is not None:
+                usage = chunk.usage
+    except openai.APIError as exc:
+        body = getattr(exc, "body", None)
+        return RequestResult(ok=False, e2e_s=time.perf_counter() - started, error=f"{type(exc).__name__}: {exc} {body or ''}")
+    e2e = time.perf_counter() - started
+    if usage is None or ttft is None:
+        return RequestResult(ok=False, e2e_s=e2e, error="stream ended without a token or usage")
+    return RequestResult(True, ttft, e2e, usage.prompt_tokens, usage.completion_tokens)
+
+
+def make_client(server: Server):
+    import openai
+
+    http = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(1800.0),
+                             limits=httpx.Limits(max_connections=64))
+    return openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, http_client=http)
+
+
+async def count_tokens(server: Server, urls: dict[int, str]) -> dict[int, int]:
+    """Prompt tokens per video, one request at a time (also warms the server up)."""
+    client = make_client(server)
+    counts = {}
+    try:
+        for frames, url in urls.items():
+            result = await one_request(client, url, max_tokens=1)
+            if not result.ok:
+                raise RuntimeError(f"{server.name}: {frames}-frame request failed: {result.error}")
+            counts[frames] = result.prompt_tokens
+            print(f"  {frames:2d} frames: {result.prompt_tokens:6d} prompt tokens ({result.e2e_s:.1f} s)", flush=True)
+    finally:
+        await client.close()
+    return counts
+
+
+async def run_level(server: Server, urls: list[str], concurrency: int, max_tokens: int) -> LevelResult:
+    """Closed loop: ``concurrency`` workers send one request per URL in total, back to back."""
+    from tqdm import tqdm
+
+    client = make_client(server)
+    queue = list(reversed(urls))
+    requests = len(urls)
+    results: list[RequestResult] = []
+    peaks = {"running": 0.0, "kv": 0.0}
+    bar = tqdm(total=requests, desc=f"  {server.name} c={concurrency}", unit="req", leave=True)
+
+    async def worker():
+        while queue:
+            result = await one_request(client, queue.pop(), max_tokens)
+            results.append(result)
+            bar.update(1)
+
+    async def watch_metrics():
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+            while True:
+                try:
+                    text = (await http.get(server.base + "/metrics")).text
+                    peaks["running"] = max(peaks["running"], _gauge(text, "vllm:num_requests_running"))
+                    peaks["kv"] = max(peaks["kv"], _gauge(text, "vllm:kv_cache_usage_perc"))
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch_metrics())
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        wall = time.perf_counter() - started
+        watcher.cancel()
+        bar.close()
+        await client.close()
+    good = [r for r in results if r.ok]
+    failed = [r for r in results if not r.ok]
+    ttft = [r.ttft_s for r in good] or [float("nan")]
+    e2e = [r.e2e_s for r in good] or [float("nan")]
+    return LevelResult(
+        concurrency=concurrency,
+        requests=len(results),
+        failed=len(failed),
+        wall_s=wall,
+        requests_per_s=len(good) / wall,
+        output_tokens_per_s=sum(r.completion_tokens for r in good) / wall,
+        ttft_p50_s=float(np.percentile(ttft, 50)),
+        ttft_p99_s=float(np.percentile(ttft, 99)),
+        e2e_p50_s=float(np.percentile(e2e, 50)),
+        e2e_p99_s=float(np.percentile(e2e, 99)),
+        prompt_tokens=good[0].prompt_tokens if good else 0,
+        peak_running_requests=int(peaks["running"]),
+        peak_kv_cache_usage=peaks["kv"],
+        first_error=failed[0].error if failed else None,
+    )
+
+
+def bench_variant(name, checkpoint, urls, load_urls, args) -> VariantResult:
+    overrides, plugins = VARIANTS[name]
+    print(f"\n== {name}: VLLM_PLUGINS={plugins!r} hf_overrides={overrides}", flush=True)
+    server = Server(name, checkpoint, args.kv_cache_bytes, overrides, plugins)
+    try:
+        startup = server.wait_ready()
+        print(f"  ready in {startup:.0f} s (log: {server.log_path.relative_to(ROOT)})", flush=True)
+        counts = asyncio.run(count_tokens(server, urls))
+        kv = server.kv_capacity(counts[KV_FRAMES] + args.max_tokens)
+        print(f"  KV cache: {kv.log_tokens} tokens -> {kv.max_concurrent_requests} concurrent "
+              f"{KV_FRAMES}-frame requests of {kv.tokens_per_request} tokens", flush=True)
+        levels = []
+        fresh = iter(load_urls)
+        for concurrency in args.concurrency:
+            requests = max(args.requests, concurrency)
+            urls_for_level = [next(fresh) for _ in range(requests)]
+            level = asyncio.run(run_level(server, urls_for_level, concurrency, args.max_tokens))
+            if level.failed:
+                print(f"  {level.failed} failed requests; first error: {level.first_error}", flush=True)
+            levels.append(level)
+    except BaseException:
+        print(server.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        server.stop()
+    return VariantResult(name, plugins, overrides, startup, counts, kv, levels)
+
+
+# ---------------------------------------------------------------- report
+
+
+def add_ratios(variants: list[VariantResult]) -> None:
+    stock = next((v for v in variants if v.name == "stock"), None)
+    if stock is None:
+        return
+    for variant in variants:
+        ratios = {
+            f"prompt_tokens_{KV_FRAMES}f": variant.prompt_tokens_by_frames[KV_FRAMES]
+            / stock.prompt_tokens_by_frames[KV_FRAMES],
+            "max_concurrent_requests": variant.kv.max_concurrent_requests / max(1, stock.kv.max_concurrent_requests),
+        }
+        for level, base in zip(variant.levels, stock.levels):
+            for field in ("requests_per_s", "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s"):
+                ratios[f"c{level.concurrency}_{field}"] = getattr(level, field) / getattr(base, field)
+        variant.ratio_to_stock = ratios
+
+
+def print_tables(variants: list[VariantResult]) -> None:
+    """One row per measure, one column per variant, each with its ratio to stock."""
+    stock = next((v for v in variants if v.name == "stock"), variants[0])
+    rows = [(f"prompt tokens, {f} frames", lambda v, f=f: v.prompt_tokens_by_frames[f], "d") for f in FRAME_COUNTS]
+    rows += [
+        ("KV cache tokens (vLLM)", lambda v: v.kv.log_tokens, "d"),
+        (f"max concurrent {KV_FRAMES}f reqs", lambda v: v.kv.max_concurrent_requests, "d"),
+    ]
+    for i, level in enumerate(stock.levels):
+        c = level.concurrency
+        rows += [
+            (f"c={c} requests/s", lambda v, i=i: v.levels[i].requests_per_s, ".3f"),
+            (f"c={c} output tokens/s", lambda v, i=i: v.levels[i].output_tokens_per_s, ".2f"),
+            (f"c={c} TTFT p50 s", lambda v, i=i: v.levels[i].ttft_p50_s, ".2f"),
+            (f"c={c} TTFT p99 s", lambda v, i=i: v.levels[i].ttft_p99_s, ".2f"),
+            (f"c={c} E2E p50 s", lambda v, i=i: v.levels[i].e2e_p50_s, ".2f"),
+            (f"c={c} E2E p99 s", lambda v, i=i: v.levels[i].e2e_p99_s, ".2f"),
+            (f"c={c} peak running reqs", lambda v, i=i: v.levels[i].peak_running_requests, "d"),
+            (f"c={c} peak KV usage %", lambda v, i=i: 100 * v.levels[i].peak_kv_cache_usage, ".1f"),
+        ]
+    header = f"{'':28}" + "".join(f"{v.name:>20}" for v in variants)
+    print("\n" + header + "\n" + "-" * len(header))
+    for label, get, fmt in rows:
+        base = get(stock)
+        line = f"{label:28}"
+        for variant in variants:
+            value = get(variant)
+            ratio = f"({value / base:5.2f}x)" if variant is not stock and base else ""
+            line += f"{format(value, fmt):>11} {ratio:>8}"
+        print(line)
+
+
+def plot(variants: list[VariantResult], stem: Path, load_frames: int) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"stock": ("tab:gray", "o"), "stgridpool-k2": ("tab:blue", "s"), "stgridpool-k3": ("tab:orange", "^")}
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in variants:
+        color, marker = styles[v.name]
+        frames = sorted(v.prompt_tokens_by_frames)
+        tokens = [v.prompt_tokens_by_frames[f] for f in frames]
+        ax.plot(frames, tokens, color=color, marker=marker, label=LABELS[v.name])
+        ax.annotate(f"{tokens[-1]:,}", (frames[-1], tokens[-1]), textcoords="offset points",
+                    xytext=(-8, 6), ha="right", color=color, fontsize=9)
+    ax.set_xlabel("frames per video")
+    ax.set_ylabel("prompt tokens per request")
+    ax.set_xticks(list(FRAME_COUNTS))
+    ax.set_ylim(0, 1.12 * max(max(v.prompt_tokens_by_frames.values()) for v in variants))
+    ax.set_title("Prompt tokens per video request (measured, usage.prompt_tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = stem.with_name(stem.name + "_tokens.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 4.5))
+    for v in variants:
+        color, marker = styles[v.name]
+        c = [level.concurrency for level in v.levels]
+        left.plot(c, [level.requests_per_s for level in v.levels], color=color, marker=marker, label=LABELS[v.name])
+        mid.plot(c, [level.ttft_p50_s for level in v.levels], color=color, marker=marker, label=f"{LABELS[v.name]} p50")
+        mid.plot(c, [level.ttft_p99_s for level in v.levels], color=color, marker=marker, linestyle="--",
+                 alpha=0.6, label=f"{LABELS[v.name]} p99")
+        right.plot(c, [level.e2e_p50_s for level in v.levels], color=color, marker=marker, label=f"{LABELS[v.name]} p50")
+        right.plot(c, [level.e2e_p99_s for level in v.levels], color=color, marker=marker, linestyle="--",
+                   alpha=0.6, label=f"{LABELS[v.name]} p99")
+    for ax, title, ylabel in (
+        (left, "Throughput", "requests / s"),
+        (mid, "Time to first token", "seconds"),
+        (right, "End-to-end latency", "seconds"),
+    ):
+        ax.set_title(f"{title}, {load_frames}-frame videos")
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([level.concurrency for level in variants[0].levels])
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = stem.with_name(stem.name + "_concurrency.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="smoke run: 16-frame load at concurrency 1 and 2, 2 requests per level")
+    mode.add_argument("--full", action="store_true", help="full run (the default)")
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="comma-separated concurrency levels (default: 1,2,4,8; quick: 1,2)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per level, at least the concurrency (default 3; quick 2)")
+    parser.add_argument("--load-frames", type=int, choices=FRAME_COUNTS, default=None,
+                        help="frames per video in the load phase (default 64; quick 16)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--kv-cache-bytes", type=int, default=512 << 20, help="KV cache for every server (default 512 MiB)")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw the tables and plots from an existing result JSON, run nothing")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="result JSON; plots go next to it (default results/serve_bench.json, quick: "
+                             "results/serve_bench_quick.json)")
+    args = parser.parse_args(argv)
+    args.mode = "quick" if args.quick else "full"
+    if args.concurrency is None:
+        args.concurrency = [1, 2] if args.quick else [1, 2, 4, 8]
+    if args.requests is None:
+        args.requests = 2 if args.quick else 3
+    if args.load_frames is None:
+        args.load_frames = 16 if args.quick else 64
+    if args.output is None:
+        args.output = RESULTS / ("serve_bench_quick.json" if args.quick else "serve_bench.json")
+    args.variants = args.variants.split(",")
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}")
+    return args
+
+
+def replot(path: Path) -> None:
+    report = msgspec.json.decode(path.read_bytes(), type=Report)
+    print_tables(report.variants)
+    for written in plot(report.variants, path.with_suffix(""), report.load_frames):
+        print(f"wrote {written}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.replot:
+        replot(args.output)
+        return
+    started = time.perf_counter()
+    checkpoint = build_checkpoint()
+    urls = {frames: video_url(frames) for frames in FRAME_COUNTS}
+    total_requests = sum(max(args.requests, c) for c in args.concurrency)
+    load_urls = [video_url(args.load_frames, VIDEO_SIZE[0] + 2 * (i + 1)) for i in range(total_requests)]
+    variants = [bench_variant(name, checkpoint, urls, load_urls, args) for name in args.variants]
+    add_ratios(variants)
+    total = time.perf_counter() - started
+    import vllm
+
+    report = Report(
+        mode=args.mode,
+        vllm_version=vllm.__version__,
+        machine=f"{platform.machine()} {platform.processor() or platform.system()}",
+        cpu_count=os.cpu_count() or 0,
+        checkpoint={**CHECKPOINT_ARGS, "vision_hidden": 32, "vision_layers": 2, "grid": "27x27", "dtype": "float32"},
+        kv_cache_memory_bytes=args.kv_cache_bytes,
+        max_tokens=args.max_tokens,
+        load_frames=args.load_frames,
+        video_size=list(VIDEO_SIZE),
+        variants=variants,
+        total_s=total,
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    print_tables(variants)
+    for path in plot(variants, args.output.with_suffix(""), args.load_frames):
+        print(f"wrote {path}")
+    print(f"wrote {args.output} ({total / 60:.1f} min in all)")
+
+
+if __name__ == "__main__":
+    main()
