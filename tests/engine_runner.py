@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 PROMPT = "<|im_start|>user\n<video>\nWhat happens in this video?<|im_end|>\n<|im_start|>assistant\n"
+IMAGE_PROMPT = "<|im_start|>user\n<image>\nWhat is in this picture?<|im_end|>\n<|im_start|>assistant\n"
 NEXT_VIDEO_PROMPT = "USER: <video>\nWhat happens in this video? ASSISTANT:"
 
 
@@ -30,14 +31,7 @@ def run(job: dict) -> list:
     params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0)
     results = []
     for batch in job["batches"]:
-        prompts = [
-            {
-                "prompt": job.get("prompt", PROMPT),
-                "multi_modal_data": {"video": video(item["frames"], item.get("seed", 0))},
-                **({"mm_processor_kwargs": item["mm"]} if "mm" in item else {}),
-            }
-            for item in batch
-        ]
+        prompts = [_prompt(job, item) for item in batch]
         try:
             outputs = llm.generate(prompts, params, use_tqdm=False)
             results.append(
@@ -46,6 +40,18 @@ def run(job: dict) -> list:
         except Exception as exc:  # reported to the test, which asserts on the message
             results.append({"error": f"{type(exc).__name__}: {exc}"})
     return results
+
+
+def _prompt(job: dict, item: dict) -> dict:
+    """A video item ``{"frames": T}``, or an image item ``{"image": seed}``."""
+    if "image" in item:
+        picture = video(1, item["image"], size=(300, 400))[0]
+        return {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": picture}}
+    return {
+        "prompt": job.get("prompt", PROMPT),
+        "multi_modal_data": {"video": video(item["frames"], item.get("seed", 0))},
+        **({"mm_processor_kwargs": item["mm"]} if "mm" in item else {}),
+    }
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def onevision_active(onevision_checkpoint):
         [{"frames": 65}],  # 10: more than max_frames
         [{"frames": 16}, {"frames": 16, "mm": {"stgridpool": {"kernel_size": 3}}}],  # 11
         [{"frames": 16, "mm": {"stgridpool": {"kernel_size": 0}}}],  # 12
+        [{"image": 5}],  # 13: images keep the stock path
     ]
     return run_engine(
         onevision_checkpoint,
@@ -95,17 +96,28 @@ def test_two_settings_in_one_batch(onevision_active, onevision_checkpoint):
     assert default == onevision_active[2][0]
 
 
-def test_not_active_is_stock(onevision_checkpoint):
-    batches = [[{"frames": 7}], [{"frames": 16, "seed": 4}]]
-    stock = run_engine(onevision_checkpoint, batches, plugins="")
-    loaded_but_inactive = run_engine(onevision_checkpoint, batches, plugins=None)
+STOCK_BATCHES = [[{"frames": 7}], [{"frames": 16, "seed": 4}], [{"image": 5}]]
+
+
+@pytest.fixture(scope="module")
+def stock_onevision(onevision_checkpoint):
+    """vLLM without the plugin (``VLLM_PLUGINS`` allows nothing)."""
+    return run_engine(onevision_checkpoint, STOCK_BATCHES, plugins="")
+
+
+def test_not_active_is_stock(onevision_checkpoint, stock_onevision):
+    loaded_but_inactive = run_engine(onevision_checkpoint, STOCK_BATCHES, plugins=None)
     disabled = run_engine(
-        onevision_checkpoint, batches, plugins="stgridpool", hf_overrides={"stgridpool": {"enabled": False}}
+        onevision_checkpoint, STOCK_BATCHES, plugins="stgridpool", hf_overrides={"stgridpool": {"enabled": False}}
     )
     text = text_tokens(onevision_checkpoint, PROMPT)
-    assert stock[0][0]["prompt_len"] == text + 7 * 196 + 1
-    assert loaded_but_inactive == stock
-    assert disabled == stock
+    assert stock_onevision[0][0]["prompt_len"] == text + 7 * 196 + 1
+    assert loaded_but_inactive == stock_onevision
+    assert disabled == stock_onevision
+
+
+def test_images_are_untouched(onevision_active, stock_onevision):
+    assert onevision_active[13] == stock_onevision[2]
 
 
 def test_next_video_prompt_tokens_follow_the_formula(next_video_checkpoint):

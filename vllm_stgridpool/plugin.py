@@ -48,9 +48,12 @@ def register() -> None:
     from vllm import ModelRegistry
 
     check_vllm_version(vllm.__version__)
-    from vllm_stgridpool.compat import model_redirect
+    from vllm_stgridpool.activation import named_in_vllm_plugins
+    from vllm_stgridpool.compat import media_fetch, model_redirect
 
     model_redirect.apply(vllm.__version__)
+    if named_in_vllm_plugins():  # an explicit opt-in: only then change vLLM's error codes
+        media_fetch.apply(vllm.__version__)
     for architecture, model_class in _MODELS.items():
         ModelRegistry.register_model(architecture, model_class)
     _register_frame_sampling_default()

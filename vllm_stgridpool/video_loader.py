@@ -74,6 +74,8 @@ class DecordVideoLoader(VideoLoader):
                 ``VLLM_MAX_IMAGE_PIXELS``.
         """
         reader = _open_reader(data)
+        if len(reader) == 0:
+            raise ValueError("Could not decode video: it has no frames.")
         # Frame 0 is always sampled, so probing it costs one extra frame decode.
         first_frame = _decode(reader.next)
         height, width = first_frame.shape[:2]
@@ -175,4 +177,6 @@ def _decode_with_pyav(data: bytes, frame_indices: list[int]) -> npt.NDArray:
 def _undecodable(error: Exception) -> ValueError:
     """Build the client-facing error, without decord's build paths."""
     reason = _DECORD_LOG_PREFIX.sub("", str(error)).strip()
+    if "cannot find video stream" in reason:
+        return ValueError("Could not decode video: the data holds no video stream (0 frames).")
     return ValueError(f"Could not decode video with decord: {reason}")
