@@ -71,3 +71,27 @@ def test_p5_unreachable_url_is_a_client_error():
             connector.fetch_video("data:video/mp4;base64,AAAA")
     finally:
         MEDIA_CONNECTOR_REGISTRY.name2class["http"] = original
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"video_backend": "no-such-backend"}, "video_backend 'no-such-backend'.*decord.*opencv"),
+        ({"num_frames": "all"}, "num_frames"),
+        ({"num_frames": 2.5}, "num_frames"),
+        ({"num_frames": 0}, "num_frames"),
+        ({"num_frames": True}, "num_frames"),
+        ({"fps": "fast"}, "fps"),
+    ],
+)
+def test_p5_video_options_are_checked(options, words):
+    from vllm_stgridpool.video_loader import register_decord_loader
+
+    register_decord_loader()
+    with pytest.raises(ValueError, match=words):
+        media_fetch.check_video_options(options)
+
+
+def test_p5_valid_video_options_pass():
+    for options in ({}, {"num_frames": -1}, {"num_frames": 64, "fps": 2}, {"video_backend": "opencv"}):
+        media_fetch.check_video_options(options)

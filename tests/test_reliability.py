@@ -245,6 +245,10 @@ def bad_inputs(video, mp4_factory, tmp_path_factory) -> dict[str, tuple[str, dic
         "not_a_url": ("not a url", {}, "not a url"),
         "bad_base64": ("data:video/mp4;base64,!!!", {}, "base64"),
         "unreachable_url": (UNREACHABLE_URL, {}, "could not fetch media from url http://127.0.0.1:9"),
+        "unknown_video_backend": (
+            two, {"media_io_kwargs": {"video": {"video_backend": "no-such-backend"}}}, "video_backend"
+        ),
+        "num_frames_not_a_number": (two, num_frames("all"), "num_frames"),
         "num_frames_over_max": (video(300), num_frames(200), "max_frames"),
         "num_frames_all": (video(300), num_frames(-1), "max_frames"),
         "override_string": (two, stgridpool("kernel_size=3"), "JSON object"),
@@ -271,7 +275,7 @@ def bad_inputs(video, mp4_factory, tmp_path_factory) -> dict[str, tuple[str, dic
 
 BAD_INPUT_NAMES = [
     "zero_bytes", "zero_frames", "corrupt_bytes", "truncated_mp4", "not_a_url", "bad_base64",
-    "unreachable_url", "num_frames_over_max", "num_frames_all", "override_string", "override_list",
+    "unreachable_url", "unknown_video_backend", "num_frames_not_a_number", "num_frames_over_max", "num_frames_all", "override_string", "override_list",
     "override_unknown_key", "override_raises_max_frames", "override_disables",
     "kernel_size_zero", "kernel_size_negative", "kernel_size_huge", "kernel_size_over_grid",
     "kernel_size_costlier", "temperature_nan_string", "norm_p_zero", "levels_mismatched",
@@ -304,55 +308,6 @@ def test_non_finite_temperature_is_rejected(server, model, video, expect_recover
     assert response.status_code == 400, response.text
     assert "temperature" in response.json()["error"]["message"]
     expect_recovery()
-
-
-# An unreachable URL is answered by vLLM 0.32 with a 500 after retries; the
-# plugin's media connector (patches/README.md, P5) makes it a 422 naming the
-# URL, so it is in the bad inputs above.
-# Bad inputs that vLLM itself (not the plugin) answers poorly. The server must
-# survive them and serve the next request; the status and message are vLLM
-# 0.32's and are recorded as expected failures until vLLM answers with a 4xx
-# that names the problem. vLLM turns such errors into HTTP 500 by letting the
-# exception escape to uvicorn, which then drops the keep-alive connection
-# without "Connection: close": the client's next request on it is reset.
-# Each case therefore runs on its own client, and the module's client stays clean.
-VLLM_GAPS = {
-    "unknown_video_backend": (
-        None,
-        {"media_io_kwargs": {"video": {"video_backend": "no-such-backend"}}},
-        "no-such-backend",
-        "vLLM 0.32 answers HTTP 500 'Extension class no-such-backend not found'",
-    ),
-    "num_frames_not_a_number": (
-        None,
-        num_frames("all"),
-        "num_frames",
-        "vLLM 0.32 answers 400 with a bare TypeError text that does not name num_frames",
-    ),
-}
-
-
-@pytest.mark.parametrize("name", list(VLLM_GAPS))
-def test_bad_input_vllm_answers_poorly_leaves_server_serving(
-    server, model, video, text_tokens, expect_recovery, name
-):
-    url, extra_body, keyword, gap = VLLM_GAPS[name]
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=180) as own:
-        with pytest.raises(openai.APIStatusError) as caught:
-            prompt_tokens(own, model, url or video(2), **extra_body)
-        try:
-            same_connection = prompt_tokens(own, model, video(2)) == text_tokens + video_tokens(2)
-        except openai.APIConnectionError:
-            same_connection = False
-    expect_recovery()
-    error = caught.value
-    problems = []
-    if not 400 <= error.status_code < 500 or keyword.lower() not in error.message.lower():
-        problems.append(f"{gap} (got HTTP {error.status_code}: {error.message!r})")
-    if not same_connection:
-        problems.append("the next request on the same keep-alive connection was reset")
-    if problems:
-        pytest.xfail("; ".join(problems))
 
 
 # --- soak --------------------------------------------------------------------------------

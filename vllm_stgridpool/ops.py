@@ -101,15 +101,45 @@ def _resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
     Tiles are never larger than the frame, so the spec's "area when
     shrinking, else bilinear" is area or nothing (bilinear to the same size
-    is the identity).
+    is the identity). Area interpolation is adaptive average pooling, a
+    linear map per axis, applied as two matrix products: they read strided
+    frames in place, where ``F.interpolate`` would first copy them. CPUs
+    without native bfloat16/float16 matrix units run those products slower
+    than the copy, so reduced precision on the CPU takes ``F.interpolate``.
     """
-    batch, count, _, _, dim = frames.shape
-    if frames.shape[2:4] == (height, width):
+    batch, count, in_h, in_w, dim = frames.shape
+    if (in_h, in_w) == (height, width):
         return frames
-    flat = frames.reshape(batch * count, *frames.shape[2:])
-    channels_first = flat.permute(0, 3, 1, 2)  # a channels-last view: no copy
-    resized = F.interpolate(channels_first, size=(height, width), mode="area")
-    return resized.permute(0, 2, 3, 1).reshape(batch, count, height, width, dim)
+    if frames.device.type == "cpu" and frames.dtype not in (torch.float32, torch.float64):
+        flat = frames.reshape(batch * count, in_h, in_w, dim).permute(0, 3, 1, 2)  # channels-last view
+        resized = F.interpolate(flat, size=(height, width), mode="area").permute(0, 2, 3, 1)
+        return resized.reshape(batch, count, height, width, dim)
+    rows = _area_matrix(in_h, height, frames.dtype, frames.device)
+    cols = _area_matrix(in_w, width, frames.dtype, frames.device)
+    pooled_rows = torch.matmul(rows, frames.flatten(-2)).unflatten(-1, (in_w, dim))
+    return torch.matmul(cols, pooled_rows)
+
+
+_AREA_CACHE: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _area_matrix(size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(out_size, size) matrix of adaptive average pooling: row i averages [floor(i*n/m), ceil((i+1)*n/m))."""
+    if not torch.compiler.is_compiling():
+        key = (size, out_size, dtype, device)
+        matrix = _AREA_CACHE.get(key)
+        if matrix is None:
+            matrix = _AREA_CACHE[key] = _area_matrix_values(size, out_size, dtype, device)
+        return matrix
+    return _area_matrix_values(size, out_size, dtype, device)
+
+
+def _area_matrix_values(size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    values = []
+    for i in range(out_size):
+        start, end = (i * size) // out_size, -(-(i + 1) * size // out_size)
+        values.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)])
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 _INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
@@ -135,26 +165,28 @@ def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
 def norm_pool(x: torch.Tensor, kernel_size: int, temperature: float, norm_p: float) -> torch.Tensor:
     """NSP: each k x k window (stride k, floor) -> one token, softmax(temperature * norm score) weighted.
 
-    ``x`` is (..., H, W, D). Scores and weights are computed in at least float32;
-    the output keeps the input dtype.
+    ``x`` is (..., H, W, D). The softmax runs in at least float32. For bfloat16
+    and float16 inputs the norms are reduced by PyTorch with float accumulation
+    and the weighted sum runs in the input dtype: converting the features
+    themselves to float32 would cost more than the whole stock pooling.
     """
     k = kernel_size
     height, width, dim = x.shape[-3:]
     out_h, out_w = (height - k) // k + 1, (width - k) // k + 1
     x = x[..., : out_h * k, : out_w * k, :]
     weight_dtype = torch.promote_types(x.dtype, torch.float32)
-    score = torch.linalg.vector_norm(x, ord=norm_p, dim=-1, dtype=weight_dtype)
+    score = torch.linalg.vector_norm(x, ord=norm_p, dim=-1).to(weight_dtype)
     score = score * (temperature / float(dim) ** (1.0 / norm_p))
     lead = score.shape[:-2]
     windows = score.reshape(*lead, out_h, k, out_w, k).transpose(-3, -2)
-    weights = torch.softmax(windows.reshape(*lead, out_h, out_w, k * k), dim=-1)
+    weights = torch.softmax(windows.reshape(*lead, out_h, out_w, k * k), dim=-1).to(x.dtype)
     # One strided view per window offset, accumulated in place: no k*k-sized
     # intermediate is ever allocated.
     out = x[..., 0::k, 0::k, :] * weights[..., 0, None]
     for j in range(1, k * k):
         a, b = divmod(j, k)
         out = out.addcmul_(x[..., a::k, b::k, :], weights[..., j, None])
-    return out.to(x.dtype)
+    return out
 
 
 def _check_features(x: torch.Tensor, config: STGridPoolConfig) -> None:

@@ -1,13 +1,17 @@
-"""Answer an unreachable media URL with HTTP 422 instead of 500.
+"""Answer an unreachable media URL, or unusable video options, with a 4xx instead of a 500.
 
 vLLM 0.32 treats a ``video_url`` it cannot connect to (refused connection,
 unknown host, timeout) as a transient server error: the request fails with
 HTTP 500 after retries, and the error escapes to uvicorn, which also drops
 the client's keep-alive connection. For a server fed user-supplied URLs the
 URL is the problem, so this connector reports it as vLLM's own 422
-"unprocessable entity" error, naming the URL and the reason. It is vLLM's
-``http`` connector with that one change, registered under the same name
-(vLLM chooses connectors by ``VLLM_MEDIA_CONNECTOR``, default ``http``).
+"unprocessable entity" error, naming the URL and the reason. Likewise a
+request's ``media_io_kwargs`` naming a video loader that does not exist
+(HTTP 500 "Extension class ... not found") or a ``num_frames`` that is not a
+number (HTTP 400 with a bare ``TypeError`` text) get a 400 naming the
+option. It is vLLM's ``http`` connector with those changes, registered
+under the same name (vLLM chooses connectors by ``VLLM_MEDIA_CONNECTOR``,
+default ``http``).
 Ledger entry: patches/README.md, P5.
 """
 
@@ -32,6 +36,24 @@ def apply(vllm_version: str) -> bool:
     return True
 
 
+def check_video_options(options) -> None:
+    """Reject ``media_io_kwargs["video"]`` values vLLM would only fail on deep inside."""
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+
+    backend = options.get("video_backend")
+    if backend is not None and backend not in VIDEO_LOADER_REGISTRY.name2class:
+        known = ", ".join(sorted(VIDEO_LOADER_REGISTRY.name2class))
+        raise ValueError(f"media_io_kwargs video_backend {backend!r} is not a video loader; use one of: {known}")
+    num_frames = options.get("num_frames")
+    if num_frames is not None and (
+        isinstance(num_frames, bool) or not isinstance(num_frames, int) or not (num_frames == -1 or num_frames >= 1)
+    ):
+        raise ValueError(f"media_io_kwargs num_frames must be -1 (all) or a whole number >= 1, got {num_frames!r}")
+    fps = options.get("fps")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps != fps):
+        raise ValueError(f"media_io_kwargs fps must be a number, got {fps!r}")
+
+
 def _connector_class():
     import aiohttp
     import requests
@@ -54,7 +76,15 @@ def _connector_class():
         )
 
     class ClientErrorMediaConnector(MediaConnector):
-        """vLLM's HTTP media connector; an unreachable URL is the client's error."""
+        """vLLM's HTTP media connector; an unreachable URL or unusable video options are the client's error."""
+
+        def fetch_video(self, video_url, **kwargs):
+            check_video_options(self.media_io_kwargs.get("video", {}))
+            return super().fetch_video(video_url, **kwargs)
+
+        async def fetch_video_async(self, video_url, **kwargs):
+            check_video_options(self.media_io_kwargs.get("video", {}))
+            return await super().fetch_video_async(video_url, **kwargs)
 
         def load_from_url(self, url, media_io, *, fetch_timeout=None):
             try:
