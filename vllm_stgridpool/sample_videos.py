@@ -14,10 +14,9 @@ decord 0.6.0):
   and 2 frames).  It refuses a width or height of 1, and silently rounds odd
   sizes down to even (7x1000 comes out 6x1000).  ``avc1``/``H264`` are not
   built into the OpenCV wheel.
-* PyAV (package ``av``, not a project dependency) with its ``mpeg4``
-  encoder writes every size, odd ones and 1x1 included; its ``libx264``
-  needs even sizes in yuv420p.  ``write_mp4`` uses it for odd sizes when it
-  is installed, and raises ``UnsupportedVideoSize`` otherwise.
+* PyAV (package ``av``, a project dependency) with its ``mpeg4`` encoder
+  writes every size, odd ones and 1x1 included; its ``libx264`` needs even
+  sizes in yuv420p.  ``write_mp4`` uses it for odd sizes.
 * cv2 decodes all of the above to the requested frame count and size.
   decord 0.6.0 returns the right frame count but, for some narrow widths
   (1, 2, 3, 4, 6, 8, 12, 16, 24, 48, 72 among 1..99), frames with a wrong
@@ -39,7 +38,7 @@ DECORD_BAD_WIDTHS = frozenset({1, 2, 3, 4, 6, 8, 12, 16, 24, 48, 72})
 
 
 class UnsupportedVideoSize(ValueError):
-    """No installed encoder can write this frame size exactly."""
+    """The encoder cannot write this frame size exactly."""
 
 
 def synthetic_frame(index: int, width: int, height: int) -> np.ndarray:
@@ -101,14 +100,9 @@ def _write_with_opencv(path: Path, frames, width: int, height: int, fps: float) 
 
 
 def _write_with_pyav(path: Path, frames, width: int, height: int, fps: float) -> None:
-    try:
-        import av
-    except ImportError:
-        raise UnsupportedVideoSize(
-            f"{width}x{height}: OpenCV's mp4v writer rounds odd sizes down and refuses 1; "
-            "install PyAV (`pip install av`) to encode odd sizes exactly"
-        ) from None
     from fractions import Fraction
+
+    import av
 
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1001))
