@@ -105,12 +105,14 @@ def _resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     linear map per axis, applied as two matrix products: they read strided
     frames in place, where ``F.interpolate`` would first copy them. CPUs
     without native bfloat16/float16 matrix units run those products slower
-    than the copy, so reduced precision on the CPU takes ``F.interpolate``.
+    than the copy, so reduced precision on the CPU takes ``F.interpolate``,
+    and so does ``torch.compile``, which fuses the copy away.
     """
     batch, count, in_h, in_w, dim = frames.shape
     if (in_h, in_w) == (height, width):
         return frames
-    if frames.device.type == "cpu" and frames.dtype not in (torch.float32, torch.float64):
+    slow_matmul = frames.device.type == "cpu" and frames.dtype not in (torch.float32, torch.float64)
+    if slow_matmul or torch.compiler.is_compiling():
         flat = frames.reshape(batch * count, in_h, in_w, dim).permute(0, 3, 1, 2)  # channels-last view
         resized = F.interpolate(flat, size=(height, width), mode="area").permute(0, 2, 3, 1)
         return resized.reshape(batch, count, height, width, dim)
