@@ -3,7 +3,7 @@
 Every shape, frame index and tile position comes from the plan as a Python
 int, so this module does no host-device synchronisation, runs on the
 ``meta`` device and compiles with ``torch.compile(fullgraph=True)``. Two
-choices keep it close to the cost of vLLM's stock bilinear pooling:
+choices keep its cost down (it is memory-bound, like the stock pooling):
 
 - PTG reads the frames a level samples through strided views where it can,
   and builds all of a level's mosaics with one resize and one tiling copy;
@@ -13,7 +13,6 @@ choices keep it close to the cost of vLLM's stock bilinear pooling:
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
