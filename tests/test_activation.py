@@ -127,3 +127,31 @@ def test_plugin_refuses_other_vllm_versions():
     check_vllm_version("0.32.1+cpu")
     with pytest.raises(UnsupportedVLLMVersion, match="0.33.0"):
         check_vllm_version("0.33.0")
+
+
+def model_config_stand_in(max_model_len: int, side_px: int = 378, patch: int = 14):
+    vision = types.SimpleNamespace(image_size=side_px, patch_size=patch)
+    return types.SimpleNamespace(hf_config=types.SimpleNamespace(vision_config=vision), max_model_len=max_model_len)
+
+
+@pytest.mark.parametrize(
+    ("max_model_len", "extra", "expected"),
+    [
+        (32768, 1, 64),  # room for the paper's 64 frames
+        (10817, 1, 64),  # exactly 64 * 169 + 1
+        (10816, 1, 63),
+        (8192, 1, 48),  # (8192 - 1) // 169
+        (100, 1, 1),  # never below one frame
+    ],
+)
+def test_default_frame_count_fits_the_context(max_model_len, extra, expected):
+    from vllm_stgridpool.plugin import default_num_frames
+
+    assert default_num_frames(STGridPoolSettings(), model_config_stand_in(max_model_len), extra) == expected
+
+
+def test_default_frame_count_for_a_24x24_family():
+    from vllm_stgridpool.plugin import default_num_frames
+
+    settings = STGridPoolSettings.from_dict({"kernel_size": 3, "max_frames": 32})
+    assert default_num_frames(settings, model_config_stand_in(1000, 336, 14), 0) == 1000 // 64

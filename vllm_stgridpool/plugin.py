@@ -68,7 +68,8 @@ def _register_frame_sampling_default() -> None:
     """With ST-GridPool active, the server samples up to ``max_frames`` frames per video, with decord.
 
     vLLM's video loader samples 32 frames unless ``--media-io-kwargs`` says
-    otherwise; the paper's setting is 64. vLLM applies per-architecture config
+    otherwise; the paper's setting is 64 (fewer if ``max_model_len`` cannot
+    hold them). vLLM applies per-architecture config
     hooks (``MODELS_CONFIG_MAP``) while it builds each ``ModelConfig``; ours
     only fills in a default the user did not set, and chains to any hook
     already registered for the architecture.
@@ -79,10 +80,31 @@ def _register_frame_sampling_default() -> None:
         previous = model_hooks.MODELS_CONFIG_MAP.get(architecture)
         if previous is not None and getattr(previous, "_stgridpool", False):
             continue
-        model_hooks.MODELS_CONFIG_MAP[architecture] = _frame_sampling_hook(previous)
+        model_hooks.MODELS_CONFIG_MAP[architecture] = _frame_sampling_hook(
+            previous, _VIDEO_EXTRA_TOKENS[architecture]
+        )
 
 
-def _frame_sampling_hook(previous):
+# Tokens each family adds per video beyond its frames (LLaVA-OneVision's newline).
+_VIDEO_EXTRA_TOKENS = {
+    "LlavaOnevisionForConditionalGeneration": 1,
+    "LlavaNextVideoForConditionalGeneration": 0,
+}
+
+
+def default_num_frames(settings, model_config, extra_tokens: int) -> int:
+    """``max_frames``, or fewer when a video of that many frames could not fit ``max_model_len``.
+
+    The same bound vLLM's profiling uses (the video alone must fit), so a
+    server started with a short context samples videos it can serve.
+    """
+    vision = model_config.hf_config.vision_config
+    side = vision.image_size // vision.patch_size
+    fitting = (model_config.max_model_len - extra_tokens) // settings.pool.num_tokens(1, side, side)
+    return max(1, min(settings.max_frames, fitting))
+
+
+def _frame_sampling_hook(previous, extra_tokens: int):
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
     from vllm_stgridpool.activation import settings_for
@@ -99,7 +121,7 @@ def _frame_sampling_hook(previous):
             if settings is None or mm_config is None:
                 return
             video = mm_config.media_io_kwargs.setdefault("video", {})
-            video.setdefault("num_frames", settings.max_frames)
+            video.setdefault("num_frames", default_num_frames(settings, model_config, extra_tokens))
             if "video_backend" not in video and "VLLM_VIDEO_LOADER_BACKEND" not in os.environ:
                 # The opencv default rejects valid 1-frame videos; decord reads them.
                 video["video_backend"] = "decord"
