@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 
+from vllm_stgridpool.compat import SUPPORTED_SERIES, is_supported
+
 logger = logging.getLogger("vllm.stgridpool")
 
-SUPPORTED_VLLM = ("0.32.",)
 
 _MODELS = {
     "LlavaOnevisionForConditionalGeneration": (
@@ -32,9 +33,10 @@ class UnsupportedVLLMVersion(RuntimeError):
 
 
 def check_vllm_version(version: str) -> None:
-    if not version.startswith(SUPPORTED_VLLM):
+    if not is_supported(version):
+        major, minor = SUPPORTED_SERIES
         raise UnsupportedVLLMVersion(
-            f"vllm-stgridpool supports vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}, "
+            f"vllm-stgridpool supports vLLM {major}.{minor}.x, "
             f"but vLLM {version} is installed; install a matching vllm-stgridpool release, or "
             f"run without the plugin (unset --plugins / VLLM_PLUGINS=stgridpool)"
         )

@@ -20,14 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from vllm_stgridpool.compat import is_supported
+
 logger = logging.getLogger("vllm.stgridpool")
 
-PATCHED_VERSIONS = ("0.32.",)
 CONNECTOR_NAME = "http"
 
 
 def apply(vllm_version: str) -> bool:
-    if not vllm_version.startswith(PATCHED_VERSIONS):
+    if not is_supported(vllm_version):
         logger.info("vllm_stgridpool: media-fetch fix (P5) not applied to vLLM %s", vllm_version)
         return False
     from vllm.multimodal.media.connector import MEDIA_CONNECTOR_REGISTRY

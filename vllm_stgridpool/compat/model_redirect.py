@@ -14,14 +14,14 @@ from __future__ import annotations
 import functools
 import logging
 
-logger = logging.getLogger("vllm.stgridpool")
+from vllm_stgridpool.compat import is_supported
 
-PATCHED_VERSIONS = ("0.32.",)
+logger = logging.getLogger("vllm.stgridpool")
 
 
 def apply(vllm_version: str) -> bool:
     """Install the wrapper on a vLLM version it was written for; returns whether it did."""
-    if not vllm_version.startswith(PATCHED_VERSIONS):
+    if not is_supported(vllm_version):
         logger.info("vllm_stgridpool: model-redirect fix (P4) not applied to vLLM %s", vllm_version)
         return False
     from vllm.engine import arg_utils

@@ -26,10 +26,10 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import os
-import re
 import sys
 
-SUPPORTED_SERIES = (0, 32)
+from vllm_stgridpool.compat import SUPPORTED_SERIES, is_supported
+
 CLI_MAIN = "vllm.entrypoints.cli.main"
 CLI_RUN_BATCH = "vllm.entrypoints.cli.run_batch"
 PLUGINS_OPTION = "--plugins"
@@ -51,12 +51,6 @@ def installed_vllm() -> tuple[str, str] | None:
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
-
-
-def is_supported(version: str) -> bool:
-    """True for the release series these patches were written against."""
-    match = re.match(r"(\d+)\.(\d+)", version)
-    return match is not None and (int(match[1]), int(match[2])) == SUPPORTED_SERIES
 
 
 def take_plugins_option(args: list[str]) -> tuple[list[str], str | None]:
