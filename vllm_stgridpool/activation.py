@@ -131,11 +131,7 @@ def config_from_row(row: list[float]) -> STGridPoolConfig:
 
 
 def _plain(values: Any) -> Any:
-    """Turn config objects that vLLM/transformers may hand over into a plain dict."""
+    """A mapping as a plain dict (``None``: empty); anything else is left for the parser to reject."""
     if values is None:
         return {}
-    if hasattr(values, "to_dict") and not isinstance(values, Mapping):
-        return values.to_dict()
-    if isinstance(values, Mapping):
-        return dict(values)
-    return values
+    return dict(values) if isinstance(values, Mapping) else values

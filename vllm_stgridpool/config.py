@@ -83,9 +83,6 @@ class STGridPoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in msgspec.structs.asdict(self).items()}
 
-    def replace(self, **changes: Any) -> STGridPoolConfig:
-        return self.from_dict({**self.to_dict(), **changes})
-
     @property
     def levels(self) -> tuple[tuple[int, int], ...]:
         """(grid size, stride) per pyramid level, in the order they run."""

@@ -66,12 +66,3 @@ def record_video(*, num_frames: int, tokens: int, stock_tokens: int) -> None:
         stock_tokens - tokens,
     )
 
-
-def totals() -> dict[str, float]:
-    """Current counter values (for tests and the demo)."""
-    emitted, saved, videos = _get_counters()
-    return {
-        "video_tokens": emitted._value.get(),
-        "video_tokens_saved": saved._value.get(),
-        "videos": videos._value.get(),
-    }

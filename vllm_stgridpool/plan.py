@@ -33,9 +33,6 @@ class LevelPlan:
     Plain fields only, so ``torch.compile`` reads them as constants.
     """
 
-    grid: int
-    stride: int
-    sampled: tuple[int, ...]  # frame indices sampled at this level (all n of them)
     rows: int
     cols: int
     tile: tuple[int, int]  # (h, w) each frame is resized to
@@ -57,10 +54,6 @@ class Plan:
     final_reads: Reads  # the mosaics that are some frame's final value, grouped by level
     replaced: tuple[int, ...]  # the frames they replace, in the same order
     out_grid: tuple[int, int]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_frames * self.out_grid[0] * self.out_grid[1]
 
 
 def sample_indices(num_frames: int, stride: int) -> tuple[int, ...]:
@@ -99,9 +92,6 @@ def make_plan(num_frames: int, height: int, width: int, config: STGridPoolConfig
         level_store = len(levels)
         levels.append(
             LevelPlan(
-                grid=grid,
-                stride=stride,
-                sampled=sampled,
                 rows=rows,
                 cols=cols,
                 tile=(math.ceil(height / rows), math.ceil(width / cols)),

@@ -19,11 +19,10 @@ layout (its CLIPVisionModel/SiglipVisionModel conversion mapping strips
 The SigLIP attention-pooling head is never used by LLaVA models and is not
 created at all (``vision_use_head=False``).
 
-Both models share one ChatML chat template (``VIDEO_PROMPT`` is what it
-renders for a video and a question).  Weights are saved in float32; vLLM on
-CPU runs them in bfloat16 unless given ``dtype="float32"``, which is what
-makes its greedy tokens equal transformers' (``python -m
-vllm_stgridpool.tiny_models [FOLDER]`` checks exactly that).
+Both models share one ChatML chat template.  Weights are saved in float32;
+vLLM on CPU runs them in bfloat16 unless given ``dtype="float32"``, which is
+what makes its greedy tokens equal transformers' (``tests/test_engine.py``
+checks that through the plugin).
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 MARKER_NAME = "tiny_model_build.json"
@@ -58,9 +56,6 @@ three four five many some all each time start end
 """.split()
 PUNCTUATION = list(".,?!:;'\"()-")
 VOCAB_SIZE = 1024
-
-# What CHAT_TEMPLATE renders for one video and a question.
-VIDEO_PROMPT = "<|im_start|>user\n<video>\nDescribe the video.<|im_end|>\n<|im_start|>assistant\n"
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -341,63 +336,3 @@ def _special_ids(tokenizer) -> dict[str, int]:
     }
     assert tokenizer.unk_token_id not in ids.values()
     return ids
-
-
-def _check_with_transformers(path: Path, model_class_name: str, video: np.ndarray) -> tuple[int, list[int]]:
-    """Load ``path`` with transformers' own loader; return prompt length and greedy tokens."""
-    import transformers
-
-    model, info = getattr(transformers, model_class_name).from_pretrained(path, output_loading_info=True)
-    problems = {kind: keys for kind, keys in info.items() if keys}
-    if problems:
-        raise RuntimeError(f"transformers loaded {path} with {problems}")
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    inputs = processor(text=VIDEO_PROMPT, videos=[video], return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    prompt_len = inputs["input_ids"].shape[1]
-    return prompt_len, output[0, prompt_len:].tolist()
-
-
-def _check_with_vllm(path: Path, video: np.ndarray) -> tuple[int, list[int]]:
-    """Serve ``path`` with stock vLLM (float32, small KV cache); return prompt length and greedy tokens."""
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(
-        model=str(path), dtype="float32", max_model_len=8192, kv_cache_memory_bytes=256 << 20,
-        limit_mm_per_prompt={"video": 1}, enforce_eager=True, seed=0,
-    )
-    try:
-        [result] = llm.generate(
-            {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": video}},
-            SamplingParams(max_tokens=8, temperature=0.0),
-        )
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    return len(result.prompt_token_ids), list(result.outputs[0].token_ids)
-
-
-if __name__ == "__main__":
-    # Builds both checkpoints and shows that stock vLLM and transformers load them
-    # and answer a 16-frame clip with the same greedy tokens.
-    import os
-    import sys
-    import time
-
-    os.environ["VLLM_PLUGINS"] = "none"  # stock behaviour: keep this project's plugin out
-    from vllm_stgridpool.sample_videos import synthetic_frame
-
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="tiny-models-"))
-    clip = np.stack([synthetic_frame(i, 320, 240) for i in range(16)])
-    for builder, class_name in (
-        (build_llava_onevision, "LlavaOnevisionForConditionalGeneration"),
-        (build_llava_next_video, "LlavaNextVideoForConditionalGeneration"),
-    ):
-        started = time.perf_counter()
-        folder = builder(root / builder.__name__.removeprefix("build_"))
-        print(f"{folder}: built in {time.perf_counter() - started:.1f} s", flush=True)
-        hf_len, hf_tokens = _check_with_transformers(folder, class_name, clip)
-        print(f"  transformers: {hf_len} prompt tokens, greedy {hf_tokens}", flush=True)
-        vllm_len, vllm_tokens = _check_with_vllm(folder, clip)
-        print(f"  vLLM:         {vllm_len} prompt tokens, greedy {vllm_tokens}", flush=True)
-        if (hf_len, hf_tokens) != (vllm_len, vllm_tokens):
-            sys.exit(f"{folder}: vLLM and transformers disagree")

@@ -33,10 +33,6 @@ class STGridPoolLlavaNextVideoProcessingInfo(STGridPoolProcessingInfo, LlavaNext
     video_extra_tokens = 0
 
 
-class STGridPoolLlavaNextVideoDummyInputsBuilder(LlavaNextVideoDummyInputsBuilder):
-    """Stock dummy inputs; their frame count follows the processing info's ``max_frames``."""
-
-
 class STGridPoolLlavaNextVideoMultiModalProcessor(
     STGridPoolProcessorMixin, LlavaNextVideoMultiModalProcessor
 ):
@@ -46,7 +42,7 @@ class STGridPoolLlavaNextVideoMultiModalProcessor(
 @MULTIMODAL_REGISTRY.register_processor(
     STGridPoolLlavaNextVideoMultiModalProcessor,
     info=STGridPoolLlavaNextVideoProcessingInfo,
-    dummy_inputs=STGridPoolLlavaNextVideoDummyInputsBuilder,
+    dummy_inputs=LlavaNextVideoDummyInputsBuilder,  # its frame count follows the info's max_frames
 )
 class STGridPoolLlavaNextVideoForConditionalGeneration(LlavaNextVideoForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:

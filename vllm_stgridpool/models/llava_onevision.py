@@ -37,10 +37,6 @@ class STGridPoolLlavaOnevisionProcessingInfo(STGridPoolProcessingInfo, LlavaOnev
     video_extra_tokens = 1  # the image_newline appended to every video
 
 
-class STGridPoolLlavaOnevisionDummyInputsBuilder(LlavaOnevisionDummyInputsBuilder):
-    """Stock dummy inputs; their frame count follows the processing info's ``max_frames``."""
-
-
 class STGridPoolLlavaOnevisionMultiModalProcessor(
     STGridPoolProcessorMixin, LlavaOnevisionMultiModalProcessor
 ):
@@ -50,7 +46,7 @@ class STGridPoolLlavaOnevisionMultiModalProcessor(
 @MULTIMODAL_REGISTRY.register_processor(
     STGridPoolLlavaOnevisionMultiModalProcessor,
     info=STGridPoolLlavaOnevisionProcessingInfo,
-    dummy_inputs=STGridPoolLlavaOnevisionDummyInputsBuilder,
+    dummy_inputs=LlavaOnevisionDummyInputsBuilder,  # its frame count follows the info's max_frames
 )
 class STGridPoolLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
