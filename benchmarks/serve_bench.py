@@ -34,9 +34,6 @@ import json
 import os
 import platform
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,10 +42,11 @@ import httpx
 import msgspec
 import numpy as np
 
+from vllm_stgridpool.launch import Server, start_server
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "serve_bench"
 RESULTS = ROOT / "benchmarks" / "results"
-PYTHON = sys.executable
 
 # A text model big enough that prefill and KV size follow the prompt length,
 # small enough that a 64-frame request takes seconds on two CPU cores.
@@ -158,91 +156,43 @@ def video_url(frames: int, width: int = VIDEO_SIZE[0]) -> str:
 # ---------------------------------------------------------------- server
 
 
-class Server:
-    """One vLLM OpenAI server in its own process group, logging to a file."""
-
-    def __init__(self, name: str, checkpoint: Path, kv_bytes: int, overrides, plugins: str):
-        self.name = name
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = ARTIFACTS / "logs" / f"{name}.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            PYTHON, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(checkpoint), "--served-model-name", SERVED_NAME,
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
-            "--kv-cache-memory-bytes", str(kv_bytes), "--dtype", "float32",
-            "--no-enable-prefix-caching", "--seed", "0",
-            "--media-io-kwargs", json.dumps({"video": {"num_frames": SAMPLED_FRAMES}}),
-        ]
-        if overrides is not None:
-            command += ["--hf-overrides", json.dumps(overrides)]
-        env = dict(os.environ, VLLM_PLUGINS=plugins)
-        self.command = command
-        self.log = open(self.log_path, "w")
-        self.log.write(f"# VLLM_PLUGINS={plugins!r}\n# {' '.join(command)}\n")
-        self.log.flush()
-        self.proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=ROOT)
-
-    def wait_ready(self, timeout: float = 900.0) -> float:
-        started = time.perf_counter()
-        with httpx.Client(trust_env=False, timeout=5) as client:
-            while time.perf_counter() - started < timeout:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}:\n{self.log_tail()}")
-                try:
-                    if client.get(self.base + "/health").status_code == 200:
-                        return time.perf_counter() - started
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1.0)
-        raise TimeoutError(f"{self.name} server not ready after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def kv_capacity(self, tokens_per_request: int) -> KVCapacity:
-        """Read the KV size from the start-up log and /metrics; they must agree."""
-        found = KV_LOG_LINE.search(self.log_path.read_text())
-        if found is None:
-            raise RuntimeError(f"no 'KV cache size' line in {self.log_path}")
-        log_tokens = int(found.group(1).replace(",", ""))
-        info = _cache_config_info(httpx.get(self.base + "/metrics", trust_env=False, timeout=10).text)
-        blocks, block_size = int(info["num_gpu_blocks"]), int(info["block_size"])
-        if blocks * block_size != log_tokens:
-            print(f"  note: log says {log_tokens} KV tokens, /metrics {blocks} x {block_size}", flush=True)
-        blocks_per_request = -(-tokens_per_request // block_size)
-        return KVCapacity(
-            log_tokens=log_tokens,
-            log_max_concurrency_at_max_model_len=float(found.group(3)),
-            num_gpu_blocks=blocks,
-            block_size=block_size,
-            tokens_per_request=tokens_per_request,
-            max_concurrent_requests=log_tokens // tokens_per_request,
-            max_concurrent_requests_by_blocks=blocks // blocks_per_request,
-        )
-
-    def log_tail(self, lines: int = 40) -> str:
-        self.log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        """Stop the whole process group (API server, engine core, workers)."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            except ProcessLookupError:
-                pass
-        self.log.close()
+def start_variant(name: str, checkpoint: Path, kv_bytes: int, overrides, plugins: str) -> Server:
+    """``vllm serve`` for one variant, with the same sizing flags for every variant."""
+    args = [
+        "--served-model-name", SERVED_NAME,
+        "--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
+        "--kv-cache-memory-bytes", str(kv_bytes), "--dtype", "float32",
+        "--no-enable-prefix-caching", "--seed", "0",
+        "--media-io-kwargs", json.dumps({"video": {"num_frames": SAMPLED_FRAMES}}),
+    ]
+    if overrides is not None:
+        args += ["--hf-overrides", json.dumps(overrides)]
+    return start_server(
+        checkpoint, *args, env={"VLLM_PLUGINS": plugins},
+        log_path=ARTIFACTS / "logs" / f"{name}.log", timeout=900,
+    )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def kv_capacity(server: Server, tokens_per_request: int) -> KVCapacity:
+    """Read the KV size from the start-up log and /metrics; they must agree."""
+    found = KV_LOG_LINE.search(server.log())
+    if found is None:
+        raise RuntimeError(f"no 'KV cache size' line in {server.log_path}")
+    log_tokens = int(found.group(1).replace(",", ""))
+    info = _cache_config_info(server.get("/metrics"))
+    blocks, block_size = int(info["num_gpu_blocks"]), int(info["block_size"])
+    if blocks * block_size != log_tokens:
+        print(f"  note: log says {log_tokens} KV tokens, /metrics {blocks} x {block_size}", flush=True)
+    blocks_per_request = -(-tokens_per_request // block_size)
+    return KVCapacity(
+        log_tokens=log_tokens,
+        log_max_concurrency_at_max_model_len=float(found.group(3)),
+        num_gpu_blocks=blocks,
+        block_size=block_size,
+        tokens_per_request=tokens_per_request,
+        max_concurrent_requests=log_tokens // tokens_per_request,
+        max_concurrent_requests_by_blocks=blocks // blocks_per_request,
+    )
 
 
 def _cache_config_info(metrics_text: str) -> dict[str, str]:
@@ -315,10 +265,10 @@ def make_client(server: Server):
 
     http = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(1800.0),
                              limits=httpx.Limits(max_connections=64))
-    return openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, http_client=http)
+    return openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, http_client=http)
 
 
-async def count_tokens(server: Server, urls: dict[int, str]) -> dict[int, int]:
+async def count_tokens(server: Server, name: str, urls: dict[int, str]) -> dict[int, int]:
     """Prompt tokens per video, one request at a time (also warms the server up)."""
     client = make_client(server)
     counts = {}
@@ -326,7 +276,7 @@ async def count_tokens(server: Server, urls: dict[int, str]) -> dict[int, int]:
         for frames, url in urls.items():
             result = await one_request(client, url, max_tokens=1)
             if not result.ok:
-                raise RuntimeError(f"{server.name}: {frames}-frame request failed: {result.error}")
+                raise RuntimeError(f"{name}: {frames}-frame request failed: {result.error}")
             counts[frames] = result.prompt_tokens
             print(f"  {frames:2d} frames: {result.prompt_tokens:6d} prompt tokens ({result.e2e_s:.1f} s)", flush=True)
     finally:
@@ -334,7 +284,7 @@ async def count_tokens(server: Server, urls: dict[int, str]) -> dict[int, int]:
     return counts
 
 
-async def run_level(server: Server, urls: list[str], concurrency: int, max_tokens: int) -> LevelResult:
+async def run_level(server: Server, name: str, urls: list[str], concurrency: int, max_tokens: int) -> LevelResult:
     """Closed loop: ``concurrency`` workers send one request per URL in total, back to back."""
     from tqdm import tqdm
 
@@ -343,7 +293,7 @@ async def run_level(server: Server, urls: list[str], concurrency: int, max_token
     requests = len(urls)
     results: list[RequestResult] = []
     peaks = {"running": 0.0, "kv": 0.0}
-    bar = tqdm(total=requests, desc=f"  {server.name} c={concurrency}", unit="req", leave=True)
+    bar = tqdm(total=requests, desc=f"  {name} c={concurrency}", unit="req", leave=True)
 
     async def worker():
         while queue:
@@ -355,7 +305,7 @@ async def run_level(server: Server, urls: list[str], concurrency: int, max_token
         async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
             while True:
                 try:
-                    text = (await http.get(server.base + "/metrics")).text
+                    text = (await http.get(server.base_url + "/metrics")).text
                     peaks["running"] = max(peaks["running"], _gauge(text, "vllm:num_requests_running"))
                     peaks["kv"] = max(peaks["kv"], _gauge(text, "vllm:kv_cache_usage_perc"))
                 except httpx.HTTPError:
@@ -396,12 +346,13 @@ async def run_level(server: Server, urls: list[str], concurrency: int, max_token
 def bench_variant(name, checkpoint, urls, load_urls, args) -> VariantResult:
     overrides, plugins = VARIANTS[name]
     print(f"\n== {name}: VLLM_PLUGINS={plugins!r} hf_overrides={overrides}", flush=True)
-    server = Server(name, checkpoint, args.kv_cache_bytes, overrides, plugins)
+    started = time.perf_counter()
+    server = start_variant(name, checkpoint, args.kv_cache_bytes, overrides, plugins)
+    startup = time.perf_counter() - started
     try:
-        startup = server.wait_ready()
         print(f"  ready in {startup:.0f} s (log: {server.log_path.relative_to(ROOT)})", flush=True)
-        counts = asyncio.run(count_tokens(server, urls))
-        kv = server.kv_capacity(counts[KV_FRAMES] + args.max_tokens)
+        counts = asyncio.run(count_tokens(server, name, urls))
+        kv = kv_capacity(server, counts[KV_FRAMES] + args.max_tokens)
         print(f"  KV cache: {kv.log_tokens} tokens -> {kv.max_concurrent_requests} concurrent "
               f"{KV_FRAMES}-frame requests of {kv.tokens_per_request} tokens", flush=True)
         levels = []
@@ -409,12 +360,12 @@ def bench_variant(name, checkpoint, urls, load_urls, args) -> VariantResult:
         for concurrency in args.concurrency:
             requests = max(args.requests, concurrency)
             urls_for_level = [next(fresh) for _ in range(requests)]
-            level = asyncio.run(run_level(server, urls_for_level, concurrency, args.max_tokens))
+            level = asyncio.run(run_level(server, name, urls_for_level, concurrency, args.max_tokens))
             if level.failed:
                 print(f"  {level.failed} failed requests; first error: {level.first_error}", flush=True)
             levels.append(level)
     except BaseException:
-        print(server.log_tail(), file=sys.stderr)
+        print("\n".join(server.log().splitlines()[-40:]), file=sys.stderr)
         raise
     finally:
         server.stop()
