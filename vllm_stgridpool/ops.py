@@ -14,6 +14,8 @@ choices keep its cost down (it is memory-bound, like the stock pooling):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -121,46 +123,42 @@ def _resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.matmul(cols, pooled_rows)
 
 
-_AREA_CACHE: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
-
-
 def _area_matrix(size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _constant(_area_rows(size, out_size), dtype, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _area_rows(size: int, out_size: int) -> tuple[tuple[float, ...], ...]:
     """(out_size, size) matrix of adaptive average pooling: row i averages [floor(i*n/m), ceil((i+1)*n/m))."""
-    if not torch.compiler.is_compiling():
-        key = (size, out_size, dtype, device)
-        matrix = _AREA_CACHE.get(key)
-        if matrix is None:
-            matrix = _AREA_CACHE[key] = _area_matrix_values(size, out_size, dtype, device)
-        return matrix
-    return _area_matrix_values(size, out_size, dtype, device)
-
-
-def _area_matrix_values(size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    values = []
+    rows = []
     for i in range(out_size):
         start, end = (i * size) // out_size, -(-(i + 1) * size // out_size)
-        values.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)])
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-_INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+        rows.append(tuple(1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)))
+    return tuple(rows)
 
 
 def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``values`` as an int64 tensor on ``device``.
+    return _constant(values, torch.int64, device)
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` (a plan-derived tuple) as a tensor on ``device``.
 
     Cached in eager mode so that steady-state calls copy nothing from the
     host; under ``torch.compile`` it becomes a graph constant.
     """
     if torch.compiler.is_compiling():
-        return torch.tensor(values, dtype=torch.int64, device=device)
-    key = (values, device)
-    index = _INDEX_CACHE.get(key)
-    if index is None:
-        if len(_INDEX_CACHE) >= 4096:
-            _INDEX_CACHE.clear()
-        index = _INDEX_CACHE[key] = torch.tensor(values, dtype=torch.int64, device=device)
-    return index
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (values, dtype, device)
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        if len(_CONSTANTS) >= 4096:
+            _CONSTANTS.clear()
+        tensor = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return tensor
 
 
 def norm_pool(x: torch.Tensor, kernel_size: int, temperature: float, norm_p: float) -> torch.Tensor:
