@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +56,12 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
+                self.stop()
                 raise RuntimeError(f"vllm serve exited with {self.process.returncode}:\n{self.log()[-4000:]}")
             try:
                 self.get("/health", timeout=2.0)
                 return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            except OSError:  # refused, reset, timed out, or not yet 200 (urllib's errors are OSErrors)
                 time.sleep(1.0)
         self.stop()
         raise TimeoutError(f"vllm serve not healthy after {timeout:.0f}s:\n{self.log()[-4000:]}")
