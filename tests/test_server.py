@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 
 import openai
 import pytest
 from transformers import AutoTokenizer
 
 from vllm_stgridpool.launch import start_server
+from vllm_stgridpool.metrics import read_counter
 
 pytestmark = pytest.mark.engine
 
@@ -76,8 +76,7 @@ def ask(client, video_path, **extra):
 
 
 def metric(server, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", server.get("/metrics"), re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return read_counter(server.get("/metrics"), name)
 
 
 def test_video_request_costs_the_formula(client, mp4_factory, text_tokens):

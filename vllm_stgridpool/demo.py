@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ALIAS = "llava-video"
-STOCK_TOKENS_PER_FRAME = 196  # LLaVA-OneVision: bilinear pooling to ceil(27/2)^2
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("STGRIDPOOL_ARTIFACTS", REPO_ROOT / "artifacts"))
 # Sized for a 2-core CPU machine: an explicit KV cache, float32 like the tests.
@@ -55,17 +54,6 @@ def write_model_redirect(path: Path, checkpoint: Path) -> Path:
     return path
 
 
-def count_frames(video: Path) -> int:
-    import cv2
-
-    capture = cv2.VideoCapture(str(video))
-    frames = 0
-    while capture.grab():
-        frames += 1
-    capture.release()
-    return frames
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("MODEL"), help="checkpoint or hub id (default: the tiny local one)")
@@ -75,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from openai import OpenAI
 
-    from vllm_stgridpool.config import STGridPoolSettings
     from vllm_stgridpool.launch import start_server
+    from vllm_stgridpool.metrics import read_counter
 
     folder = ARTIFACTS / "demo"
     _, default_video, redirect = prepare_local_assets(folder)
@@ -109,19 +97,18 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=24,
             temperature=0.0,
         )
+        # The plugin's own accounting: what it emitted, and what stock pooling would have.
+        counters = server.get("/metrics")
+        video_tokens = int(read_counter(counters, "stgridpool_video_tokens_total"))
+        saved = int(read_counter(counters, "stgridpool_video_tokens_saved_total"))
 
-    settings = STGridPoolSettings()
-    frames = min(count_frames(video), settings.max_frames)
-    with_gridpool = settings.pool.num_tokens(frames, 27, 27) + 1
-    stock = frames * STOCK_TOKENS_PER_FRAME + 1
     prompt_tokens = response.usage.prompt_tokens
-    stock_prompt_tokens = prompt_tokens - with_gridpool + stock
-    print(f"\nvideo: {video.name}, {frames} frames sampled")
+    stock_prompt_tokens = prompt_tokens + saved
     note = "" if args.model else "  (random weights: the words are noise)"
+    print(f"\nvideo: {video.name}")
     print(f"reply: {response.choices[0].message.content!r}{note}")
-    print(f"prompt tokens with ST-GridPool: {prompt_tokens:6d}  (video: {with_gridpool})")
-    print(f"prompt tokens with stock pooling: {stock_prompt_tokens:4d}  (video: {stock})")
-    saved = stock_prompt_tokens - prompt_tokens
+    print(f"prompt tokens with ST-GridPool: {prompt_tokens:6d}  (video: {video_tokens})")
+    print(f"prompt tokens with stock pooling: {stock_prompt_tokens:4d}  (video: {video_tokens + saved})")
     print(f"saved: {saved} tokens ({100 * saved / stock_prompt_tokens:.1f}% of the prompt)")
     return 0
 

@@ -66,3 +66,11 @@ def record_video(*, num_frames: int, tokens: int, stock_tokens: int) -> None:
         stock_tokens - tokens,
     )
 
+
+
+def read_counter(metrics_text: str, name: str) -> float:
+    """A counter's value in a ``/metrics`` page (0 when absent): how clients read the savings back."""
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
