@@ -72,48 +72,40 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_llava_onevision(
-    path,
-    *,
-    text_hidden: int = 128,
-    text_layers: int = 2,
-    text_heads: int = 2,
-    text_kv_heads: int = 1,
-    vision_hidden: int = 32,
-    vision_layers: int = 2,
-    seed: int = 0,
-) -> Path:
-    """Build (or reuse) a tiny LLaVA-OneVision: SigLIP 378 px / patch 14 (27x27), Qwen2 text."""
-    args = dict(
-        text_hidden=text_hidden, text_layers=text_layers, text_heads=text_heads,
-        text_kv_heads=text_kv_heads, vision_hidden=vision_hidden,
-        vision_layers=vision_layers, seed=seed,
-    )
-    return _build_once(Path(path), "llava_onevision", args, _write_llava_onevision)
+def build_llava_onevision(path, **sizes) -> Path:
+    """Build (or reuse) a tiny LLaVA-OneVision: SigLIP 378 px / patch 14 (27x27), Qwen2 text.
+
+    ``sizes`` are the keywords of :func:`model_sizes`.
+    """
+    return _build_once(Path(path), "llava_onevision", model_sizes(**sizes), _write_llava_onevision)
 
 
-def build_llava_next_video(
-    path,
-    *,
-    text_hidden: int = 128,
-    text_layers: int = 2,
-    text_heads: int = 2,
-    text_kv_heads: int = 1,
-    vision_hidden: int = 32,
-    vision_layers: int = 2,
-    seed: int = 0,
-) -> Path:
+def build_llava_next_video(path, **sizes) -> Path:
     """Build (or reuse) a tiny LLaVA-NeXT-Video: CLIP 336 px / patch 14 (24x24), Llama text.
 
     Like the released checkpoints it reads the second-to-last vision layer
     (``vision_feature_layer=-2``) and average-pools frames with stride 2.
+    ``sizes`` are the keywords of :func:`model_sizes`.
     """
-    args = dict(
+    return _build_once(Path(path), "llava_next_video", model_sizes(**sizes), _write_llava_next_video)
+
+
+def model_sizes(
+    *,
+    text_hidden: int = 128,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    text_kv_heads: int = 1,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    seed: int = 0,
+) -> dict:
+    """The sizes (and weight seed) a tiny checkpoint is built with; the defaults make the test models."""
+    return dict(
         text_hidden=text_hidden, text_layers=text_layers, text_heads=text_heads,
         text_kv_heads=text_kv_heads, vision_hidden=vision_hidden,
         vision_layers=vision_layers, seed=seed,
     )
-    return _build_once(Path(path), "llava_next_video", args, _write_llava_next_video)
 
 
 def read_build_marker(path) -> dict | None:
