@@ -23,6 +23,13 @@ from vllm_stgridpool.config import (
 )
 
 PLUGIN_NAME = "stgridpool"
+
+# Placeholder tokens each supported family adds per video beyond its frames:
+# LLaVA-OneVision appends one ``image_newline``; LLaVA-NeXT-Video nothing.
+VIDEO_EXTRA_TOKENS = {
+    "LlavaOnevisionForConditionalGeneration": 1,
+    "LlavaNextVideoForConditionalGeneration": 0,
+}
 HF_CONFIG_KEY = "stgridpool"
 REQUEST_KEY = "stgridpool"
 

@@ -78,20 +78,15 @@ def _register_frame_sampling_default() -> None:
     """
     from vllm.model_executor.models import config as model_hooks
 
+    from vllm_stgridpool.activation import VIDEO_EXTRA_TOKENS
+
     for architecture in _MODELS:
         previous = model_hooks.MODELS_CONFIG_MAP.get(architecture)
         if previous is not None and getattr(previous, "_stgridpool", False):
             continue
         model_hooks.MODELS_CONFIG_MAP[architecture] = _frame_sampling_hook(
-            previous, _VIDEO_EXTRA_TOKENS[architecture]
+            previous, VIDEO_EXTRA_TOKENS[architecture]
         )
-
-
-# Tokens each family adds per video beyond its frames (LLaVA-OneVision's newline).
-_VIDEO_EXTRA_TOKENS = {
-    "LlavaOnevisionForConditionalGeneration": 1,
-    "LlavaNextVideoForConditionalGeneration": 0,
-}
 
 
 def default_num_frames(settings, model_config, extra_tokens: int) -> int:

@@ -44,7 +44,7 @@ class STGridPoolProcessingInfo:
     tokens (LLaVA-OneVision's newline token).
     """
 
-    video_extra_tokens = 0
+    video_extra_tokens: int  # set per family from activation.VIDEO_EXTRA_TOKENS
 
     @cached_property
     def stgridpool_settings(self) -> STGridPoolSettings | None:

@@ -17,7 +17,7 @@ from vllm.model_executor.models.llava_next_video import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_stgridpool.activation import settings_for
+from vllm_stgridpool.activation import VIDEO_EXTRA_TOKENS, settings_for
 from vllm_stgridpool.models.common import (
     CONFIG_FIELD,
     STGridPoolProcessingInfo,
@@ -30,7 +30,7 @@ ARCHITECTURE = "LlavaNextVideoForConditionalGeneration"
 
 
 class STGridPoolLlavaNextVideoProcessingInfo(STGridPoolProcessingInfo, LlavaNextVideoProcessingInfo):
-    video_extra_tokens = 0
+    video_extra_tokens = VIDEO_EXTRA_TOKENS[ARCHITECTURE]
 
 
 class STGridPoolLlavaNextVideoMultiModalProcessor(

@@ -21,7 +21,7 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_stgridpool.activation import settings_for
+from vllm_stgridpool.activation import VIDEO_EXTRA_TOKENS, settings_for
 from vllm_stgridpool.models.common import (
     CONFIG_FIELD,
     STGridPoolProcessingInfo,
@@ -34,7 +34,7 @@ ARCHITECTURE = "LlavaOnevisionForConditionalGeneration"
 
 
 class STGridPoolLlavaOnevisionProcessingInfo(STGridPoolProcessingInfo, LlavaOnevisionProcessingInfo):
-    video_extra_tokens = 1  # the image_newline appended to every video
+    video_extra_tokens = VIDEO_EXTRA_TOKENS[ARCHITECTURE]  # the image_newline appended to every video
 
 
 class STGridPoolLlavaOnevisionMultiModalProcessor(
