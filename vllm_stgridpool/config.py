@@ -127,15 +127,7 @@ class STGridPoolSettings(msgspec.Struct, frozen=True):
         own = {k: values[k] for k in _SETTING_KEYS if k in values}
         rest = {k: v for k, v in values.items() if k not in _SETTING_KEYS}
         pool = _convert(rest, STGridPoolConfig, "stgridpool", allowed=_ALL_KEYS)
-        return _convert({**own, "pool": pool.to_dict()}, cls, "stgridpool")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.pool.to_dict(),
-            "enabled": self.enabled,
-            "max_frames": self.max_frames,
-            "allow_request_overrides": self.allow_request_overrides,
-        }
+        return msgspec.structs.replace(_convert(own, cls, "stgridpool"), pool=pool)
 
 
 _SETTING_KEYS = ("enabled", "max_frames", "allow_request_overrides")
