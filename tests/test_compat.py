@@ -47,7 +47,7 @@ def test_p4_and_p5_leave_other_vllm_versions_alone():
     from vllm.multimodal.media.connector import MEDIA_CONNECTOR_REGISTRY, MediaConnector
 
     before = arg_utils.maybe_override_with_speculators
-    assert model_redirect.apply("0.33.0") is False
+    assert model_redirect.apply("0.34.0") is False
     assert media_fetch.apply("0.31.1") is False
     assert arg_utils.maybe_override_with_speculators is before
     assert MEDIA_CONNECTOR_REGISTRY.load("http", media_io_kwargs={}).__class__ is MediaConnector

