@@ -16,6 +16,7 @@ import numpy as np
 
 PROMPT = "<|im_start|>user\n<video>\nWhat happens in this video?<|im_end|>\n<|im_start|>assistant\n"
 IMAGE_PROMPT = "<|im_start|>user\n<image>\nWhat is in this picture?<|im_end|>\n<|im_start|>assistant\n"
+TOP_LOGPROBS = 5
 NEXT_VIDEO_PROMPT = "USER: <video>\nWhat happens in this video? ASSISTANT:"
 
 
@@ -28,18 +29,26 @@ def run(job: dict) -> list:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=job["model"], **job.get("llm_kwargs", {}))
-    params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0)
+    params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0, logprobs=TOP_LOGPROBS)
     results = []
     for batch in job["batches"]:
         prompts = [_prompt(job, item) for item in batch]
         try:
             outputs = llm.generate(prompts, params, use_tqdm=False)
-            results.append(
-                [{"prompt_len": len(o.prompt_token_ids), "tokens": list(o.outputs[0].token_ids)} for o in outputs]
-            )
-        except Exception as exc:  # reported to the test, which asserts on the message
+            results.append([_result(output) for output in outputs])
+        except Exception as exc:  # reported to the test harness, which decides if it was expected
             results.append({"error": f"{type(exc).__name__}: {exc}"})
     return results
+
+
+def _result(output) -> dict:
+    """Prompt length, greedy tokens and the first step's top logprobs (token id -> logprob)."""
+    first = output.outputs[0].logprobs[0]
+    return {
+        "prompt_len": len(output.prompt_token_ids),
+        "tokens": list(output.outputs[0].token_ids),
+        "first_logprobs": {str(token): item.logprob for token, item in sorted(first.items())},
+    }
 
 
 def _prompt(job: dict, item: dict) -> dict:

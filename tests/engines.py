@@ -21,8 +21,15 @@ ENGINE_KWARGS = {
 }
 
 
-def run_engine(model, batches, *, plugins: str | None, hf_overrides=None, timeout=900, **extra) -> list:
-    """Start ``vllm.LLM`` in a subprocess with ``VLLM_PLUGINS=plugins`` (None: unset) and run ``batches``."""
+def run_engine(
+    model, batches, *, plugins: str | None, hf_overrides=None, expect_errors=(), timeout=900, **extra
+) -> list:
+    """Start ``vllm.LLM`` in a subprocess with ``VLLM_PLUGINS=plugins`` (None: unset) and run ``batches``.
+
+    A batch whose index is in ``expect_errors`` must fail (its result is
+    ``{"error": message}``); any other failure fails the test here, so two
+    failing runs can never compare equal.
+    """
     env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
     if plugins is not None:
         env["VLLM_PLUGINS"] = plugins
@@ -42,5 +49,15 @@ def run_engine(model, batches, *, plugins: str | None, hf_overrides=None, timeou
     )
     for line in done.stdout.splitlines():
         if line.startswith("ENGINE_RESULT "):
-            return json.loads(line.removeprefix("ENGINE_RESULT "))
+            return _checked(json.loads(line.removeprefix("ENGINE_RESULT ")), set(expect_errors))
     raise AssertionError(f"engine run failed ({done.returncode}):\n{done.stderr[-6000:]}")
+
+
+def _checked(results: list, expect_errors: set[int]) -> list:
+    for index, result in enumerate(results):
+        failed = isinstance(result, dict) and "error" in result
+        if failed and index not in expect_errors:
+            raise AssertionError(f"batch {index} failed: {result['error']}")
+        if not failed and index in expect_errors:
+            raise AssertionError(f"batch {index} was expected to fail but gave {result}")
+    return results

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from vllm_stgridpool.config import (
     MAX_LEVELS,
@@ -21,6 +21,7 @@ from vllm_stgridpool.config import (
     STGridPoolConfigError,
     STGridPoolSettings,
 )
+from vllm_stgridpool import plan
 
 PLUGIN_NAME = "stgridpool"
 
@@ -50,15 +51,28 @@ def settings_for(hf_config: Any) -> STGridPoolSettings | None:
     return settings if settings.enabled else None
 
 
+class StageShape(NamedTuple):
+    """What the stage's cost depends on besides the config: the profiled video and the model."""
+
+    max_frames: int
+    height: int
+    width: int
+    channels: int  # D where the stage runs (after the projector, or before it for NeXT-Video)
+    itemsize: int  # bytes per feature value in the model's dtype
+
+
 def request_config(
     settings: STGridPoolSettings | None,
     mm_processor_kwargs: Mapping[str, object],
-    grid: tuple[int, int],
+    shape: StageShape,
 ) -> STGridPoolConfig | None:
     """The config one request's videos run with (None: stock pooling).
 
-    Raises ``STGridPoolConfigError`` (a ValueError, so HTTP 400 through the
-    server) with the reason when the request's override cannot be honoured.
+    A request may change the operator's parameters but never make a video
+    cost more than the server's own setting: not more tokens per frame, and
+    not more stage memory or work at ``max_frames`` than what start-up
+    profiled. Raises ``STGridPoolConfigError`` (a ValueError, so HTTP 400
+    through the server) naming the field and what is allowed.
     """
     override = mm_processor_kwargs.get(REQUEST_KEY)
     if override is None:
@@ -80,16 +94,38 @@ def request_config(
             f"{{\"kernel_size\": 3}}, got {type(override).__name__}"
         )
     config = STGridPoolConfig.from_dict({**settings.pool.to_dict(), **_plain(override)})
-    height, width = grid
-    server_cost = settings.pool.num_tokens(1, height, width)
-    request_cost = config.num_tokens(1, height, width)
-    if request_cost > server_cost:
-        raise STGridPoolConfigError(
-            f"mm_processor_kwargs.stgridpool would cost {request_cost} tokens per frame, more "
-            f"than this server's {server_cost} (kernel_size {settings.pool.kernel_size} on a "
-            f"{height} x {width} grid); use kernel_size >= {settings.pool.kernel_size}"
-        )
+    check_request_cost(settings.pool, config, shape)
     return config
+
+
+def check_request_cost(server: STGridPoolConfig, request: STGridPoolConfig, shape: StageShape) -> None:
+    """Reject a request config that costs more tokens, stage memory or stage work than the server's."""
+    height, width = shape.height, shape.width
+    request.output_grid(height, width)  # a kernel larger than the grid: named error
+    server_tokens = server.num_tokens(1, height, width)
+    request_tokens = request.num_tokens(1, height, width)
+    if request_tokens > server_tokens:
+        raise STGridPoolConfigError(
+            f"mm_processor_kwargs.stgridpool would cost {request_tokens} tokens per frame, more "
+            f"than this server's {server_tokens} (kernel_size {server.kernel_size} on a "
+            f"{height} x {width} grid); use kernel_size >= {server.kernel_size}"
+        )
+    server_cost = plan.stage_cost(shape.max_frames, height, width, shape.channels, server, shape.itemsize)
+    request_cost = plan.stage_cost(shape.max_frames, height, width, shape.channels, request, shape.itemsize)
+    if request_cost.peak_bytes > server_cost.peak_bytes:
+        raise STGridPoolConfigError(
+            f"mm_processor_kwargs.stgridpool (grid_sizes, grid_strides, kernel_size) would need "
+            f"{request_cost.peak_bytes} bytes of stage memory for a {shape.max_frames}-frame video, "
+            f"more than the {server_cost.peak_bytes} this server profiled; use fewer or sparser "
+            f"pyramid levels (larger grid_strides) or the server's own setting"
+        )
+    if request_cost.work > server_cost.work:
+        raise STGridPoolConfigError(
+            f"mm_processor_kwargs.stgridpool (grid_sizes, grid_strides, kernel_size) would need "
+            f"{request_cost.work} units of stage work for a {shape.max_frames}-frame video, more "
+            f"than the {server_cost.work} of this server's setting; use fewer or sparser pyramid "
+            f"levels (larger grid_strides) or the server's own setting"
+        )
 
 
 def check_num_frames(settings: STGridPoolSettings | None, num_frames: int) -> None:

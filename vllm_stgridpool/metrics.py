@@ -1,24 +1,24 @@
 """Token-saving counters on the server's ``/metrics`` endpoint.
 
-The vLLM processor runs in the API server process, which serves
-``/metrics`` from prometheus_client's registry (or, with several API
-servers, from its multiprocess directory, which prometheus_client counters
-write to by themselves), so plain prometheus_client counters are enough:
-no patch to vLLM's metrics is needed.
+A video is counted once vLLM has accepted its request (patch P8 in
+patches/README.md): the processor only attaches a :class:`VideoRecord` per
+video to the engine input it returns. Both run in the API server process,
+which serves ``/metrics`` from prometheus_client's registry (or, with
+several API servers, from its multiprocess directory, which
+prometheus_client counters write to by themselves), so plain
+prometheus_client counters need no change to vLLM's metrics code.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import threading
+from typing import NamedTuple
 
 logger = logging.getLogger("vllm.stgridpool")
 
 _lock = threading.Lock()
 _counters = None
-_profiling = contextvars.ContextVar("stgridpool_profiling", default=False)
 
 
 def _get_counters():
@@ -41,31 +41,26 @@ def _get_counters():
         return _counters
 
 
-@contextlib.contextmanager
-def profiling():
-    """Dummy inputs built for memory profiling are not user traffic: don't count them."""
-    token = _profiling.set(True)
-    try:
-        yield
-    finally:
-        _profiling.reset(token)
+class VideoRecord(NamedTuple):
+    """One video as the processor emitted it, counted once vLLM accepts its request."""
+
+    num_frames: int
+    tokens: int
+    stock_tokens: int
 
 
-def record_video(*, num_frames: int, tokens: int, stock_tokens: int) -> None:
-    if _profiling.get():
-        return
+def record_video(record: VideoRecord) -> None:
     emitted, saved, videos = _get_counters()
-    emitted.inc(tokens)
-    saved.inc(max(stock_tokens - tokens, 0))
+    emitted.inc(record.tokens)
+    saved.inc(max(record.stock_tokens - record.tokens, 0))
     videos.inc()
     logger.debug(
         "stgridpool: video of %d frames -> %d tokens (stock %d, saved %d)",
-        num_frames,
-        tokens,
-        stock_tokens,
-        stock_tokens - tokens,
+        record.num_frames,
+        record.tokens,
+        record.stock_tokens,
+        record.stock_tokens - record.tokens,
     )
-
 
 
 def read_counter(metrics_text: str, name: str) -> float:

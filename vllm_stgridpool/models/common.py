@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 
@@ -24,12 +25,14 @@ from vllm.multimodal.processing import PromptReplacement
 from vllm_stgridpool import metrics
 from vllm_stgridpool.activation import (
     REQUEST_KEY,
+    StageShape,
     check_num_frames,
     config_from_row,
     config_to_row,
     request_config,
     settings_for,
 )
+from vllm_stgridpool.compat.accepted_metrics import RECORDS_KEY
 from vllm_stgridpool.config import STGridPoolConfig, STGridPoolSettings
 from vllm_stgridpool.ops import st_gridpool
 
@@ -54,8 +57,25 @@ class STGridPoolProcessingInfo:
         side = self.get_vision_encoder_info().get_patch_grid_length()
         return side, side
 
+    def stage_channels(self) -> int:
+        """D of the features the stage pools (the family decides where it runs)."""
+        return self.get_hf_config().text_config.hidden_size
+
+    def stage_shape(self) -> StageShape:
+        settings = self.stgridpool_settings
+        dtype = self.ctx.model_config.dtype
+        return StageShape(settings.max_frames, *self.patch_grid(), self.stage_channels(), dtype.itemsize)
+
+    def request_video_config(self, mm_kwargs: Mapping[str, object]) -> STGridPoolConfig | None:
+        """The config a request asks for, checked against the server's (HTTP 400 with the reason)."""
+        if self.stgridpool_settings is None:
+            return request_config(None, mm_kwargs, None)
+        return request_config(self.stgridpool_settings, mm_kwargs, self.stage_shape())
+
     def video_config(self, mm_kwargs: Mapping[str, object]) -> STGridPoolConfig | None:
-        return request_config(self.stgridpool_settings, mm_kwargs, self.patch_grid())
+        """The config :meth:`STGridPoolProcessorMixin.apply` resolved for this request (None: stock)."""
+        row = mm_kwargs.get(REQUEST_KEY)
+        return None if row is None else config_from_row(list(row))
 
     def _get_num_frame_tokens(self, *, image_width: int, image_height: int) -> int:
         settings = self.stgridpool_settings
@@ -122,26 +142,36 @@ class STGridPoolProcessorMixin:
 
 
     def apply(self, inputs, timing_ctx):
-        """Process one request; count its video tokens against stock pooling once it is accepted."""
-        result = super().apply(inputs, timing_ctx)
+        """Process one request with its ST-GridPool config in one canonical form.
+
+        The client's ``stgridpool`` object is checked here, in the API
+        server, and replaced by the resolved config as a row of floats:
+        vLLM's multimodal cache key hashes the processor kwargs, so equal
+        settings however written (3 or 3.0, defaults spelled out or left out)
+        share cache entries and different settings never do. Each video's
+        record for the metrics rides on the result until vLLM accepts the
+        request (patch P8).
+        """
+        kwargs = dict(inputs.hf_processor_mm_kwargs)
+        config = self.info.request_video_config(kwargs)
+        kwargs.pop(REQUEST_KEY, None)
+        if config is not None:
+            kwargs[REQUEST_KEY] = tuple(config_to_row(config))
+        result = super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
         videos = _video_items(inputs.mm_data_items)
         ranges = result["mm_placeholders"].get("video", []) if videos is not None else []
-        if ranges and self.info.video_config(inputs.hf_processor_mm_kwargs) is not None:
+        if config is not None and ranges:
             stock_per_frame = self.info.stock_frame_tokens()
             extra = self.info.video_extra_tokens
-            for index, placeholder in enumerate(ranges):
-                num_frames = videos.get_num_frames(index)
-                metrics.record_video(
-                    num_frames=num_frames,
+            result[RECORDS_KEY] = [
+                metrics.VideoRecord(
+                    num_frames=videos.get_num_frames(index),
                     tokens=placeholder.length,
-                    stock_tokens=stock_per_frame * num_frames + extra,
+                    stock_tokens=stock_per_frame * videos.get_num_frames(index) + extra,
                 )
+                for index, placeholder in enumerate(ranges)
+            ]
         return result
-
-    def get_dummy_mm_inputs(self, *args, **kwargs):
-        """Profiling inputs are not user traffic: keep them out of the metrics."""
-        with metrics.profiling():
-            return super().get_dummy_mm_inputs(*args, **kwargs)
 
 
 def _video_items(mm_items) -> VideoProcessorItems | None:

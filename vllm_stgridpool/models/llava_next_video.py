@@ -32,6 +32,9 @@ ARCHITECTURE = "LlavaNextVideoForConditionalGeneration"
 class STGridPoolLlavaNextVideoProcessingInfo(STGridPoolProcessingInfo, LlavaNextVideoProcessingInfo):
     video_extra_tokens = VIDEO_EXTRA_TOKENS[ARCHITECTURE]
 
+    def stage_channels(self) -> int:
+        return self.get_hf_config().vision_config.hidden_size  # pooled before the projector
+
 
 class STGridPoolLlavaNextVideoMultiModalProcessor(
     STGridPoolProcessorMixin, LlavaNextVideoMultiModalProcessor

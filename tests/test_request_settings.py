@@ -1,0 +1,161 @@
+"""Per-request settings through vLLM's own multimodal processing API (no engine).
+
+The processor runs in the API server: this is where a request's
+``stgridpool`` object is checked, priced and put in its canonical form (the
+cache key). The processor here is the one vLLM builds for the tiny
+checkpoint, through ``MULTIMODAL_REGISTRY.create_processor``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vllm_stgridpool.config import STGridPoolConfig
+from vllm_stgridpool import plan
+
+PROMPT = "<|im_start|>user\n<video>\nWhat happens?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def processor(onevision_checkpoint):
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from vllm_stgridpool.plugin import register
+
+    register()
+    model_config = ModelConfig(
+        model=str(onevision_checkpoint),
+        hf_overrides={"stgridpool": {"max_frames": 16}},
+        dtype="float32",
+        max_model_len=16384,
+        limit_mm_per_prompt={"video": 1},
+    )
+    return MULTIMODAL_REGISTRY.create_processor(model_config)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return np.random.default_rng(0).integers(0, 256, (8, 64, 80, 3), dtype=np.uint8)
+
+
+def process(processor, frames, override=None):
+    kwargs = {} if override is None else {"stgridpool": override}
+    items = processor.info.parse_mm_data({"video": frames})
+    return processor(PROMPT, items, hf_processor_mm_kwargs=kwargs)
+
+
+def video_hash(processor, frames, override=None) -> str:
+    return process(processor, frames, override)["mm_hashes"]["video"][0]
+
+
+@pytest.mark.parametrize(
+    "left, right",
+    [
+        ({"temperature": 3}, {"temperature": 3.0}),
+        (None, {}),
+        (None, {"kernel_size": 2, "temperature": 1.0, "norm_p": 2, "grid_sizes": [4, 4, 4]}),
+        ({"kernel_size": 3, "norm_p": 1}, {"norm_p": 1.0, "kernel_size": 3}),
+    ],
+)
+def test_equal_settings_share_a_cache_key(processor, frames, left, right):
+    assert video_hash(processor, frames, left) == video_hash(processor, frames, right)
+
+
+@pytest.mark.parametrize(
+    "left, right",
+    [
+        ({"temperature": 3}, {"temperature": 1.5e-323}),  # the same 8 raw bytes as int64 3
+        ({"temperature": 2.0}, {"temperature": 2.0000000000000004}),
+        (None, {"kernel_size": 3}),
+        ({"grid_sizes": [4], "grid_strides": [2]}, {"grid_sizes": [4], "grid_strides": [4]}),
+        ({"grid_sizes": [], "grid_strides": []}, None),
+    ],
+)
+def test_different_settings_never_share_a_cache_key(processor, frames, left, right):
+    assert video_hash(processor, frames, left) != video_hash(processor, frames, right)
+
+
+def test_the_canonical_form_carries_the_request_config_to_the_model(processor, frames):
+    """The per-video field the model reads holds the resolved config."""
+    from vllm_stgridpool.activation import config_from_row
+
+    result = process(processor, frames, {"temperature": 3, "kernel_size": 3})
+    row = result["mm_kwargs"]["video"][0]["stgridpool_config"].data
+    assert config_from_row(row.tolist()) == STGridPoolConfig(temperature=3.0, kernel_size=3)
+    assert len(result["mm_placeholders"]["video"]) == 1
+    assert result["mm_placeholders"]["video"][0].length == 8 * 9 * 9 + 1
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"kernel_size": 1}, "kernel_size"),  # more tokens per frame
+        ({"kernel_size": 28}, "kernel_size"),  # larger than the 27 x 27 grid
+        ({"grid_sizes": [4] * 8, "grid_strides": [1] * 8}, "stage memory"),
+        ({"grid_sizes": [2] * 8, "grid_strides": [1] * 8}, "stage"),
+        ({"norm_p": 0.0}, "norm_p"),
+        ({"norm_p": -1}, "norm_p"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"video_newline": "grid"}, "video_newline"),
+        ({"max_frames": 1000}, "max_frames"),
+        ({"enabled": False}, "enabled"),
+        ("k3", "JSON object"),
+    ],
+)
+def test_settings_beyond_the_server_are_refused_in_the_processor(processor, frames, override, field):
+    with pytest.raises(ValueError, match=field):
+        process(processor, frames, override)
+
+
+def test_the_stage_cost_cap_is_what_the_server_profiled(processor):
+    """The default setting at max_frames passes its own cap; a denser pyramid at the same kernel does not."""
+    from vllm_stgridpool.activation import check_request_cost
+
+    shape = processor.info.stage_shape()
+    assert shape.max_frames == 16 and (shape.height, shape.width) == (27, 27)
+    server = STGridPoolConfig()
+    check_request_cost(server, server, shape)
+    denser = STGridPoolConfig(grid_sizes=(4, 4, 4, 4), grid_strides=(1, 1, 1, 1))
+    server_cost = plan.stage_cost(16, 27, 27, shape.channels, server, shape.itemsize)
+    denser_cost = plan.stage_cost(16, 27, 27, shape.channels, denser, shape.itemsize)
+    assert denser_cost.peak_bytes > server_cost.peak_bytes or denser_cost.work > server_cost.work
+    with pytest.raises(ValueError, match="stage"):
+        check_request_cost(server, denser, shape)
+
+
+@pytest.mark.parametrize(
+    "mm_processor_kwargs, media_io_kwargs, own",
+    [
+        ({"stgridpool": {"kernel_size": 3}}, None, True),
+        ({"stgridpool": {}}, {}, True),
+        ({"stgridpool": {}, "num_frames": 4}, None, False),
+        ({"num_frames": 4}, None, False),
+        ({"stgridpool": {}}, {"video": {"num_frames": 4}}, False),
+        ({}, None, False),
+        (None, None, False),
+    ],
+)
+def test_p6_trusts_the_own_key_and_nothing_else(monkeypatch, mm_processor_kwargs, media_io_kwargs, own):
+    """vLLM's own check, wrapped: only a lone ``stgridpool`` object passes without the trust flag."""
+    from vllm.entrypoints.generate.base import protocol
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_stgridpool.compat import request_trust
+
+    request_trust.apply(__import__("vllm").__version__)
+    check = protocol.validate_request_mm_kwargs
+    assert getattr(check, "_stgridpool_trust", False)
+    kwargs = dict(mm_processor_kwargs=mm_processor_kwargs, media_io_kwargs=media_io_kwargs)
+    check(**kwargs, trust_request_mm_kwargs=True)  # a trusting server accepts everything, as before
+    monkeypatch.setattr(request_trust, "_active", False)
+    if mm_processor_kwargs or media_io_kwargs:
+        with pytest.raises(VLLMValidationError):  # not active for the served model: vLLM's rule
+            check(**kwargs, trust_request_mm_kwargs=False)
+    monkeypatch.setattr(request_trust, "_active", True)
+    if own or not (mm_processor_kwargs or media_io_kwargs):
+        check(**kwargs, trust_request_mm_kwargs=False)
+    else:
+        with pytest.raises(VLLMValidationError, match="trust-request-mm-kwargs"):
+            check(**kwargs, trust_request_mm_kwargs=False)
