@@ -46,7 +46,8 @@ def server(onevision_checkpoint, tmp_path_factory):
         "--kv-cache-memory-bytes", str(1 << 30),
         "--dtype", "float32",
         "--enforce-eager",
-        "--trust-request-mm-kwargs",  # vLLM refuses per-request mm_processor_kwargs without it
+        "--limit-mm-per-prompt", json.dumps({"video": 2, "image": 1}),
+        # No --trust-request-mm-kwargs: the plugin's own key needs no blanket trust (P6).
         env={"VLLM_MODEL_REDIRECT_PATH": str(redirect), "VLLM_LOGGING_LEVEL": "DEBUG"},
         log_path=folder / "server.log",
         timeout=600,
@@ -112,3 +113,191 @@ def test_metrics_count_emitted_and_saved_tokens(server, client, mp4_factory):
     assert metric(server, "stgridpool_video_tokens_total") - emitted == (16 + 5) * 169 + 2
     assert metric(server, "stgridpool_video_tokens_saved_total") - saved == (16 + 5) * (196 - 169)
     assert "stgridpool: video of 5 frames -> 846 tokens (stock 981, saved 135)" in server.log()
+
+
+# --- Per-request settings from untrusted clients (no --trust-request-mm-kwargs) ---
+
+
+def chat(client, content: list[dict], **extra):
+    return client.chat.completions.create(
+        model="llava-video", messages=[{"role": "user", "content": content}], max_tokens=4, temperature=0.0, **extra
+    )
+
+
+def video_part(path) -> dict:
+    return {"type": "video_url", "video_url": {"url": data_url(path)}}
+
+
+def rendered_tokens(checkpoint, parts: list[str]) -> tuple[str, int]:
+    """The chat prompt for ``parts`` ("video", "image", then the question) and its token count."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    content = [{"type": part} for part in parts] + [{"type": "text", "text": QUESTION}]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    return text, len(tokenizer(text)["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "extra_body, parameter",
+    [
+        ({"mm_processor_kwargs": {"num_frames": 4}}, "mm_processor_kwargs"),
+        ({"mm_processor_kwargs": {"stgridpool": {"kernel_size": 3}, "num_frames": 4}}, "mm_processor_kwargs"),
+        ({"mm_processor_kwargs": {"stgridpool": {}}, "media_io_kwargs": {"video": {"num_frames": 4}}}, "media_io_kwargs"),
+    ],
+)
+def test_other_processor_keys_still_need_the_trust_flag(client, mp4_factory, text_tokens, extra_body, parameter):
+    with pytest.raises(openai.BadRequestError, match="trust-request-mm-kwargs") as error:
+        ask(client, mp4_factory(8), extra_body=extra_body)
+    assert parameter in str(error.value)
+    assert ask(client, mp4_factory(8)).usage.prompt_tokens == text_tokens + 8 * 169 + 1
+
+
+def test_completions_accept_the_own_key_too(server, client, mp4_factory, onevision_checkpoint):
+    """The completions endpoint goes through the same check (P6 wraps it once for every endpoint)."""
+    import requests
+
+    text, length = rendered_tokens(onevision_checkpoint, ["video"])
+    body = {
+        "model": "llava-video",
+        "prompt": text,
+        "max_tokens": 2,
+        "mm_processor_kwargs": {"stgridpool": {"kernel_size": 3}},
+    }
+    # A text-only completion with the own key: the object is checked, then ignored (no video).
+    reply = requests.post(server.base_url + "/v1/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    body["mm_processor_kwargs"] = {"num_frames": 4}
+    reply = requests.post(server.base_url + "/v1/completions", json=body, timeout=120)
+    assert reply.status_code == 400 and "trust-request-mm-kwargs" in reply.text
+
+
+EXTREMES = [
+    {"norm_p": 1e-3}, {"norm_p": 1e-2}, {"norm_p": 0.05}, {"norm_p": 100.0}, {"norm_p": 1e3}, {"norm_p": 1e4},
+    {"norm_p": 1e300}, {"norm_p": 5e-324}, {"norm_p": 0}, {"norm_p": -2},
+    {"temperature": 5e-324}, {"temperature": -5e-324}, {"temperature": 1e4}, {"temperature": -1e4},
+    {"temperature": 1e5}, {"temperature": 1e308}, {"temperature": 0},
+    {"kernel_size": 27}, {"kernel_size": 28}, {"kernel_size": 13, "norm_p": 1e3, "temperature": 1e4},
+    {"grid_sizes": [4] * 8, "grid_strides": [1] * 8}, {"grid_sizes": [64], "grid_strides": [1]},
+    {"grid_sizes": [1] * 8, "grid_strides": [1024] * 8}, {"grid_sizes": [2], "grid_strides": [8]},
+    {"grid_sizes": [4, 4, 4], "grid_strides": [2, 4, 8], "norm_p": 1e-3, "temperature": -1e4},
+]
+
+
+@pytest.mark.parametrize("override", EXTREMES, ids=lambda o: json.dumps(o))
+def test_extreme_settings_get_a_4xx_or_a_finite_answer(client, mp4_factory, text_tokens, override):
+    import math
+
+    extra = {"mm_processor_kwargs": {"stgridpool": override}, "logprobs": True, "top_logprobs": 3}
+    try:
+        response = ask(client, mp4_factory(16), extra_body=extra)
+    except openai.BadRequestError as error:
+        assert any(field in str(error) for field in override), error  # names the field
+    else:
+        logprobs = [entry.logprob for entry in response.choices[0].logprobs.content[0].top_logprobs]
+        assert logprobs and all(math.isfinite(value) for value in logprobs), logprobs
+    assert ask(client, mp4_factory(8)).usage.prompt_tokens == text_tokens + 8 * 169 + 1
+
+
+@pytest.fixture(scope="module")
+def decoded(mp4_factory):
+    """The frames the server decodes from an 8-frame mp4 (same loader, same sampling)."""
+    from vllm_stgridpool.video_loader import DecordVideoLoader
+
+    path = mp4_factory(8)
+    frames, _ = DecordVideoLoader.load_bytes(path.read_bytes(), num_frames=64)
+    return path, frames
+
+
+SETTINGS = [
+    {"temperature": 40.0},
+    {"norm_p": 1.0},
+    {"grid_sizes": [2], "grid_strides": [2]},
+    {"kernel_size": 3, "temperature": -3.0},
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda o: json.dumps(o))
+def test_request_settings_reach_the_model(client, decoded, onevision_checkpoint, settings):
+    """Each answer equals transformers with the reference pooling at the same settings, not at the default."""
+    from tests.hf_reference import first_step_logprobs
+
+    path, frames = decoded
+    text, _ = rendered_tokens(onevision_checkpoint, ["video"])
+
+    def served(override):
+        extra = {"logprobs": True, "top_logprobs": 5}
+        if override is not None:
+            extra["mm_processor_kwargs"] = {"stgridpool": override}
+        reply = ask(client, path, extra_body=extra)
+        return sorted((e.logprob for e in reply.choices[0].logprobs.content[0].top_logprobs), reverse=True)
+
+    with_settings = served(settings)
+    reference = first_step_logprobs(onevision_checkpoint, text, frames, settings)
+    default_reference = first_step_logprobs(onevision_checkpoint, text, frames, {})
+    assert with_settings == pytest.approx(reference, abs=2e-3)
+    assert max(abs(a - b) for a, b in zip(reference, default_reference)) > 1e-2  # the setting matters
+    assert served(None) == pytest.approx(default_reference, abs=2e-3)
+
+
+def test_two_videos_of_different_lengths_in_one_prompt(client, mp4_factory, onevision_checkpoint):
+    _, text = rendered_tokens(onevision_checkpoint, ["video", "video"])
+    response = chat(client, [video_part(mp4_factory(16)), video_part(mp4_factory(5)), {"type": "text", "text": QUESTION}])
+    assert response.usage.prompt_tokens == text - 2 + (16 * 169 + 1) + (5 * 169 + 1)
+
+
+def test_an_image_and_a_video_in_one_prompt(client, mp4_factory, onevision_checkpoint, tmp_path):
+    """The image keeps stock anyres tokens (counted by transformers' own processor); the video is pooled."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(picture)
+    processor = AutoProcessor.from_pretrained(onevision_checkpoint)
+    text, _ = rendered_tokens(onevision_checkpoint, ["image", "video"])
+    processor.replace_video_token = lambda inputs, video_idx, **_: processor.video_token * (
+        len(inputs["pixel_values_videos"][video_idx]) * 169 + 1
+    )
+    frames = np.zeros((5, 120, 160, 3), dtype=np.uint8)
+    expected = processor(text=text, images=[Image.open(picture)], videos=[frames], return_tensors="pt")
+    image_url = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
+    response = chat(
+        client,
+        [{"type": "image_url", "image_url": {"url": image_url}}, video_part(mp4_factory(5)), {"type": "text", "text": QUESTION}],
+    )
+    assert response.usage.prompt_tokens == expected["input_ids"].shape[1]
+
+
+def test_eight_concurrent_requests_mixing_frames_and_kernels(server, mp4_factory, text_tokens):
+    import asyncio
+
+    cases = [(1, 2), (5, 3), (16, 2), (33, 3), (7, 2), (16, 3), (2, 2), (64, 3)]
+    per_frame = {2: 169, 3: 81}
+
+    async def run() -> list[int]:
+        aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0)
+        async with aclient:
+            replies = await asyncio.gather(*(
+                aclient.chat.completions.create(
+                    model="llava-video", messages=messages(data_url(mp4_factory(frames))), max_tokens=4,
+                    temperature=0.0, extra_body={"mm_processor_kwargs": {"stgridpool": {"kernel_size": kernel}}},
+                )
+                for frames, kernel in cases
+            ))
+        return [reply.usage.prompt_tokens for reply in replies]
+
+    counts = asyncio.run(run())
+    assert counts == [text_tokens + frames * per_frame[kernel] + 1 for frames, kernel in cases]
+
+
+def test_metrics_skip_requests_vllm_rejects(server, client, mp4_factory):
+    """A request over --max-model-len is refused after processing; its video is not counted."""
+    videos = metric(server, "stgridpool_videos_total")
+    long_text = " ".join(["video"] * 9000)
+    content = [video_part(mp4_factory(64)), {"type": "text", "text": long_text}]
+    with pytest.raises(openai.BadRequestError):
+        chat(client, content)
+    assert metric(server, "stgridpool_videos_total") == videos
+    ask(client, mp4_factory(5))
+    assert metric(server, "stgridpool_videos_total") == videos + 1
