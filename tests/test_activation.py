@@ -11,13 +11,15 @@ from vllm_stgridpool.activation import (
     check_num_frames,
     config_from_row,
     config_to_row,
-    request_config,
+    RequestSettings,
+    StageShape,
+    request_settings,
     settings_for,
 )
 from vllm_stgridpool.config import STGridPoolSettings
 from vllm_stgridpool.plugin import UnsupportedVLLMVersion, check_vllm_version
 
-GRID = (27, 27)
+SHAPE = StageShape(max_frames=64, height=27, width=27, channels=896, itemsize=4)
 
 
 def hf_config(**attrs):
@@ -61,13 +63,13 @@ def test_bad_server_config_is_rejected_at_start():
 
 def test_no_override_uses_the_server_config():
     settings = STGridPoolSettings.from_dict({"kernel_size": 3})
-    assert request_config(settings, {}, GRID) == settings.pool
-    assert request_config(None, {}, GRID) is None
+    assert request_settings(settings, {}, SHAPE) == RequestSettings(settings.pool, None)
+    assert request_settings(None, {}, SHAPE) is None
 
 
 def test_override_merges_over_the_server_config():
     settings = STGridPoolSettings.from_dict({"temperature": 2.0})
-    config = request_config(settings, {"stgridpool": {"kernel_size": 3}}, GRID)
+    config = request_settings(settings, {"stgridpool": {"kernel_size": 3}}, SHAPE).config
     assert config == STGridPoolConfig(kernel_size=3, temperature=2.0)
 
 
@@ -91,18 +93,18 @@ def test_override_merges_over_the_server_config():
 )
 def test_bad_override_is_rejected_with_the_reason(override, words):
     with pytest.raises(ValueError, match=words):
-        request_config(STGridPoolSettings(), {"stgridpool": override}, GRID)
+        request_settings(STGridPoolSettings(), {"stgridpool": override}, SHAPE)
 
 
 def test_server_can_forbid_overrides():
     settings = STGridPoolSettings.from_dict({"allow_request_overrides": False})
     with pytest.raises(ValueError, match="allow_request_overrides"):
-        request_config(settings, {"stgridpool": {"kernel_size": 3}}, GRID)
+        request_settings(settings, {"stgridpool": {"kernel_size": 3}}, SHAPE)
 
 
 def test_override_without_stgridpool_enabled_is_rejected():
     with pytest.raises(ValueError, match="not enabled"):
-        request_config(None, {"stgridpool": {}}, GRID)
+        request_settings(None, {"stgridpool": {}}, SHAPE)
 
 
 def test_frame_limits():
@@ -155,3 +157,28 @@ def test_default_frame_count_for_a_24x24_family():
 
     settings = STGridPoolSettings.from_dict({"kernel_size": 3, "max_frames": 32})
     assert default_num_frames(settings, model_config_stand_in(1000, 336, 14), 0) == 1000 // 64
+
+
+def test_a_request_budget_may_lower_the_server_budget_only():
+    server = STGridPoolSettings.from_dict({"max_video_tokens": 4096})
+    assert request_settings(server, {}, SHAPE).max_video_tokens == 4096
+    lowered = request_settings(server, {"stgridpool": {"max_video_tokens": 1000}}, SHAPE)
+    assert lowered == RequestSettings(STGridPoolConfig(), 1000)
+    for bad in (4097, 0, -5, 1.5, "100", True):
+        with pytest.raises(ValueError, match="max_video_tokens must be a whole number from 1 to 4096"):
+            request_settings(server, {"stgridpool": {"max_video_tokens": bad}}, SHAPE)
+    unbudgeted = request_settings(STGridPoolSettings(), {"stgridpool": {"max_video_tokens": 500}}, SHAPE)
+    assert unbudgeted.max_video_tokens == 500
+
+
+@pytest.mark.parametrize("server_key", ["min_frames", "max_kernel_size"])
+def test_budget_rule_settings_are_server_only(server_key):
+    with pytest.raises(ValueError, match=f"unknown field `{server_key}`"):
+        request_settings(STGridPoolSettings(), {"stgridpool": {server_key: 2}}, SHAPE)
+
+
+def test_bad_budget_settings_are_rejected_at_start():
+    for values, field in (({"max_video_tokens": 0}, "max_video_tokens"), ({"min_frames": 0}, "min_frames"),
+                          ({"max_kernel_size": 0}, "max_kernel_size")):
+        with pytest.raises(ValueError, match=field):
+            STGridPoolSettings.from_dict(values)

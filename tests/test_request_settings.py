@@ -27,7 +27,7 @@ def processor(onevision_checkpoint):
     register()
     model_config = ModelConfig(
         model=str(onevision_checkpoint),
-        hf_overrides={"stgridpool": {"max_frames": 16}},
+        hf_overrides={"stgridpool": {"max_frames": 64}},
         dtype="float32",
         max_model_len=16384,
         limit_mm_per_prompt={"video": 1},
@@ -114,12 +114,12 @@ def test_the_stage_cost_cap_is_what_the_server_profiled(processor):
     from vllm_stgridpool.activation import check_request_cost
 
     shape = processor.info.stage_shape()
-    assert shape.max_frames == 16 and (shape.height, shape.width) == (27, 27)
+    assert shape.max_frames == 64 and (shape.height, shape.width) == (27, 27)
     server = STGridPoolConfig()
     check_request_cost(server, server, shape)
     denser = STGridPoolConfig(grid_sizes=(4, 4, 4, 4), grid_strides=(1, 1, 1, 1))
-    server_cost = plan.stage_cost(16, 27, 27, shape.channels, server, shape.itemsize)
-    denser_cost = plan.stage_cost(16, 27, 27, shape.channels, denser, shape.itemsize)
+    server_cost = plan.stage_cost(64, 27, 27, shape.channels, server, shape.itemsize)
+    denser_cost = plan.stage_cost(64, 27, 27, shape.channels, denser, shape.itemsize)
     assert denser_cost.peak_bytes > server_cost.peak_bytes or denser_cost.work > server_cost.work
     with pytest.raises(ValueError, match="stage"):
         check_request_cost(server, denser, shape)
@@ -159,3 +159,28 @@ def test_p6_trusts_the_own_key_and_nothing_else(monkeypatch, mm_processor_kwargs
     else:
         with pytest.raises(VLLMValidationError, match="trust-request-mm-kwargs"):
             check(**kwargs, trust_request_mm_kwargs=False)
+
+
+@pytest.mark.parametrize(
+    "num_frames, budget, kept, kernel",
+    [(16, 4096, 16, 2), (40, 4096, 24, 2), (8, 500, 8, 4), (16, 1000, 16, 4), (64, 1000, 27, 4)],
+)
+def test_a_request_budget_picks_frames_and_kernel_the_model_sees(processor, num_frames, budget, kept, kernel):
+    """Placeholders, the frames handed to the vision tower and the kernel row all follow one choice."""
+    from vllm_stgridpool.activation import config_from_row
+
+    video = np.random.default_rng(num_frames).integers(0, 256, (num_frames, 64, 80, 3), dtype=np.uint8)
+    result = process(processor, video, {"max_video_tokens": budget})
+    side = (27 - kernel) // kernel + 1
+    assert result["mm_placeholders"]["video"][0].length == kept * side * side + 1 <= budget
+    item = result["mm_kwargs"]["video"][0]
+    assert item["pixel_values_videos"].data.shape[0] == kept
+    assert config_from_row(item["stgridpool_config"].data.tolist()).kernel_size == kernel
+    (record,) = result["stgridpool_videos"]
+    assert (record.num_frames, record.frames_kept, record.kernel_size) == (num_frames, kept, kernel)
+    assert record.budget_limited == ((kept, kernel) != (num_frames, 2))
+
+
+def test_a_budget_too_small_for_one_frame_is_refused_with_the_smallest_that_works(processor, frames):
+    with pytest.raises(ValueError, match="use max_video_tokens >= 37"):
+        process(processor, frames, {"max_video_tokens": 36})

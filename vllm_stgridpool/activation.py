@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from vllm_stgridpool.config import (
     MAX_LEVELS,
+    MAX_VIDEO_TOKENS,
     STGridPoolConfig,
     STGridPoolConfigError,
     STGridPoolSettings,
@@ -33,6 +34,7 @@ VIDEO_EXTRA_TOKENS = {
 }
 HF_CONFIG_KEY = "stgridpool"
 REQUEST_KEY = "stgridpool"
+BUDGET_KEY = "max_video_tokens"  # the one server setting a request may also send (to lower it)
 
 
 def named_in_vllm_plugins() -> bool:
@@ -44,11 +46,20 @@ def named_in_vllm_plugins() -> bool:
 
 def settings_for(hf_config: Any) -> STGridPoolSettings | None:
     """The model's ST-GridPool settings, or None when it runs stock."""
+    settings = plugin_settings(hf_config)
+    return settings if settings is not None and settings.enabled else None
+
+
+def plugin_settings(hf_config: Any) -> STGridPoolSettings | None:
+    """The model's settings whenever the plugin is active for it, ``"enabled": false`` included.
+
+    What is not ST-GridPool's pooling (the ``video_newline`` layout) also
+    applies with stock pooling; None when the plugin is not active at all.
+    """
     overrides = getattr(hf_config, HF_CONFIG_KEY, None)
     if overrides is None and not named_in_vllm_plugins():
         return None
-    settings = STGridPoolSettings.from_dict(_plain(overrides))
-    return settings if settings.enabled else None
+    return STGridPoolSettings.from_dict(_plain(overrides))
 
 
 class StageShape(NamedTuple):
@@ -61,22 +72,30 @@ class StageShape(NamedTuple):
     itemsize: int  # bytes per feature value in the model's dtype
 
 
-def request_config(
+class RequestSettings(NamedTuple):
+    """What one request's videos run with: the operator's config and the per-video token budget."""
+
+    config: STGridPoolConfig
+    max_video_tokens: int | None = None
+
+
+def request_settings(
     settings: STGridPoolSettings | None,
     mm_processor_kwargs: Mapping[str, object],
     shape: StageShape,
-) -> STGridPoolConfig | None:
-    """The config one request's videos run with (None: stock pooling).
+) -> RequestSettings | None:
+    """The settings one request's videos run with (None: stock pooling).
 
     A request may change the operator's parameters but never make a video
-    cost more than the server's own setting: not more tokens per frame, and
-    not more stage memory or work at ``max_frames`` than what start-up
-    profiled. Raises ``STGridPoolConfigError`` (a ValueError, so HTTP 400
-    through the server) naming the field and what is allowed.
+    cost more than the server's own setting: not more tokens per frame, not
+    more stage memory or work at ``max_frames`` than what start-up profiled,
+    and a ``max_video_tokens`` that lowers the server's budget, never raises
+    it. Raises ``STGridPoolConfigError`` (a ValueError, so HTTP 400 through
+    the server) naming the field and what is allowed.
     """
     override = mm_processor_kwargs.get(REQUEST_KEY)
     if override is None:
-        return None if settings is None else settings.pool
+        return None if settings is None else RequestSettings(settings.pool, settings.max_video_tokens)
     if settings is None:
         raise STGridPoolConfigError(
             "mm_processor_kwargs.stgridpool was given, but ST-GridPool is not enabled for "
@@ -93,9 +112,24 @@ def request_config(
             f"mm_processor_kwargs.stgridpool must be a JSON object such as "
             f"{{\"kernel_size\": 3}}, got {type(override).__name__}"
         )
-    config = STGridPoolConfig.from_dict({**settings.pool.to_dict(), **_plain(override)})
+    override = _plain(override)
+    budget = request_budget(settings.max_video_tokens, override.pop(BUDGET_KEY, None))
+    config = STGridPoolConfig.from_dict({**settings.pool.to_dict(), **override})
     check_request_cost(settings.pool, config, shape)
-    return config
+    return RequestSettings(config, budget)
+
+
+def request_budget(server: int | None, requested: object) -> int | None:
+    """A request's ``max_video_tokens``: a whole number that may lower the server's budget only."""
+    if requested is None:
+        return server
+    limit = MAX_VIDEO_TOKENS if server is None else server
+    if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= limit:
+        raise STGridPoolConfigError(
+            f"mm_processor_kwargs.stgridpool.max_video_tokens must be a whole number from 1 to "
+            f"{limit} (a request may lower this server's budget, never raise it), got {requested!r}"
+        )
+    return requested
 
 
 def check_request_cost(server: STGridPoolConfig, request: STGridPoolConfig, shape: StageShape) -> None:

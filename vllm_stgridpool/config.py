@@ -22,6 +22,8 @@ MAX_KERNEL_SIZE = 32
 MAX_ABS_TEMPERATURE = 1e4
 MAX_NORM_P = 1e3
 MAX_FRAMES_CAP = 1024
+MAX_VIDEO_TOKENS = 1 << 24
+VIDEO_NEWLINE_LAYOUTS = ("video", "grid")
 
 
 class STGridPoolConfigError(ValueError):
@@ -109,17 +111,36 @@ class STGridPoolSettings(msgspec.Struct, frozen=True):
 
     Its keys are those of :class:`STGridPoolConfig` plus ``enabled``,
     ``max_frames`` (frames per video the server profiles for and samples down
-    to) and ``allow_request_overrides`` (whether ``mm_processor_kwargs`` may
-    change the operator's parameters per request).
+    to), ``allow_request_overrides`` (whether ``mm_processor_kwargs`` may
+    change the operator's parameters per request) and the video-token budget
+    (``max_video_tokens``, ``min_frames``, ``max_kernel_size``; see
+    :mod:`vllm_stgridpool.budget`).
     """
 
     pool: STGridPoolConfig = msgspec.field(default_factory=STGridPoolConfig)
     enabled: bool = True
     max_frames: int = 64
     allow_request_overrides: bool = True
+    max_video_tokens: int | None = None  # the per-video token budget (None: no budget)
+    min_frames: int = 16  # frames a budget keeps before it raises the kernel
+    max_kernel_size: int = 4  # a budget raises the kernel up to this (never below kernel_size)
+    # Where LLaVA-OneVision-format models put image_newline in a video: "video" (one
+    # per video, vLLM's and transformers' layout) or "grid" (after every row of every
+    # frame, LLaVA-Video's training layout); None: the checkpoint's own (see
+    # models/llava_onevision.py). Any is checked in __post_init__, whose message lists the values.
+    video_newline: Any = None
 
     def __post_init__(self) -> None:
         _check_ints("max_frames", (self.max_frames,), MAX_FRAMES_CAP)
+        _check_ints("min_frames", (self.min_frames,), MAX_FRAMES_CAP)
+        _check_ints("max_kernel_size", (self.max_kernel_size,), MAX_KERNEL_SIZE)
+        if self.max_video_tokens is not None:
+            _check_ints("max_video_tokens", (self.max_video_tokens,), MAX_VIDEO_TOKENS)
+        if self.video_newline is not None and self.video_newline not in VIDEO_NEWLINE_LAYOUTS:
+            raise STGridPoolConfigError(
+                f"video_newline must be \"video\" or \"grid\" (or null for the checkpoint's own "
+                f"layout), got {self.video_newline!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> STGridPoolSettings:
@@ -130,7 +151,15 @@ class STGridPoolSettings(msgspec.Struct, frozen=True):
         return msgspec.structs.replace(_convert(own, cls, "stgridpool"), pool=pool)
 
 
-_SETTING_KEYS = ("enabled", "max_frames", "allow_request_overrides")
+_SETTING_KEYS = (
+    "enabled",
+    "max_frames",
+    "allow_request_overrides",
+    "max_video_tokens",
+    "min_frames",
+    "max_kernel_size",
+    "video_newline",
+)
 _ALL_KEYS = STGridPoolConfig.__struct_fields__ + _SETTING_KEYS
 
 

@@ -37,6 +37,10 @@ def _get_counters():
                     "Video tokens saved against the model's stock pooling",
                 ),
                 Counter("stgridpool_videos", "Videos processed with ST-GridPool"),
+                Counter(
+                    "stgridpool_budget_limited_videos",
+                    "Videos whose frames or kernel the max_video_tokens budget changed",
+                ),
             )
         return _counters
 
@@ -44,22 +48,30 @@ def _get_counters():
 class VideoRecord(NamedTuple):
     """One video as the processor emitted it, counted once vLLM accepts its request."""
 
-    num_frames: int
+    num_frames: int  # as decoded
     tokens: int
-    stock_tokens: int
+    stock_tokens: int  # what the model's stock pooling would have cost for num_frames
+    frames_kept: int  # after the token budget (num_frames without one)
+    kernel_size: int
+    budget_limited: bool = False
 
 
 def record_video(record: VideoRecord) -> None:
-    emitted, saved, videos = _get_counters()
+    emitted, saved, videos, limited = _get_counters()
     emitted.inc(record.tokens)
     saved.inc(max(record.stock_tokens - record.tokens, 0))
     videos.inc()
+    if record.budget_limited:
+        limited.inc()
     logger.debug(
-        "stgridpool: video of %d frames -> %d tokens (stock %d, saved %d)",
+        "stgridpool: video of %d frames -> %d tokens (stock %d, saved %d); kept %d frames at kernel_size %d%s",
         record.num_frames,
         record.tokens,
         record.stock_tokens,
         record.stock_tokens - record.tokens,
+        record.frames_kept,
+        record.kernel_size,
+        " (budget-limited)" if record.budget_limited else "",
     )
 
 

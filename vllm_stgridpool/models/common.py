@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 
+import msgspec
 import torch
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig
@@ -25,15 +27,18 @@ from vllm.multimodal.processing import PromptReplacement
 from vllm_stgridpool import metrics
 from vllm_stgridpool.activation import (
     REQUEST_KEY,
+    RequestSettings,
     StageShape,
     check_num_frames,
     config_from_row,
     config_to_row,
-    request_config,
+    plugin_settings,
+    request_settings,
     settings_for,
 )
+from vllm_stgridpool.budget import VideoFit, fit_video, sample_frames
 from vllm_stgridpool.compat.accepted_metrics import RECORDS_KEY
-from vllm_stgridpool.config import STGridPoolConfig, STGridPoolSettings
+from vllm_stgridpool.config import STGridPoolConfig, STGridPoolConfigError, STGridPoolSettings
 from vllm_stgridpool.ops import st_gridpool
 
 
@@ -66,16 +71,67 @@ class STGridPoolProcessingInfo:
         dtype = self.ctx.model_config.dtype
         return StageShape(settings.max_frames, *self.patch_grid(), self.stage_channels(), dtype.itemsize)
 
-    def request_video_config(self, mm_kwargs: Mapping[str, object]) -> STGridPoolConfig | None:
-        """The config a request asks for, checked against the server's (HTTP 400 with the reason)."""
+    def request_video_settings(self, mm_kwargs: Mapping[str, object]) -> RequestSettings | None:
+        """What a request asks for, checked against the server's setting (HTTP 400 with the reason)."""
         if self.stgridpool_settings is None:
-            return request_config(None, mm_kwargs, None)
-        return request_config(self.stgridpool_settings, mm_kwargs, self.stage_shape())
+            return request_settings(None, mm_kwargs, None)
+        return request_settings(self.stgridpool_settings, mm_kwargs, self.stage_shape())
 
-    def video_config(self, mm_kwargs: Mapping[str, object]) -> STGridPoolConfig | None:
-        """The config :meth:`STGridPoolProcessorMixin.apply` resolved for this request (None: stock)."""
-        row = mm_kwargs.get(REQUEST_KEY)
-        return None if row is None else config_from_row(list(row))
+    def video_settings(self, mm_kwargs: Mapping[str, object]) -> RequestSettings | None:
+        """The settings :meth:`STGridPoolProcessorMixin.apply` resolved for this request (None: stock)."""
+        canonical = mm_kwargs.get(REQUEST_KEY)
+        if canonical is None:
+            return None
+        return RequestSettings(config_from_row(list(canonical["config"])), canonical["max_video_tokens"])
+
+    @cached_property
+    def video_newline(self) -> str:
+        """``"video"`` or ``"grid"`` (see models/llava_onevision.py); families without a choice keep this."""
+        settings = plugin_settings(self.get_hf_config())
+        if settings is not None and settings.video_newline == "grid":
+            raise STGridPoolConfigError(
+                'video_newline "grid" is LLaVA-Video\'s layout, for LLaVA-OneVision-format checkpoints; '
+                'this model puts no newline in its videos: use "video" or leave video_newline out'
+            )
+        return "video"
+
+    def pooled_grid(self, config: STGridPoolConfig | None) -> tuple[int, int]:
+        """A frame's token grid after pooling with ``config`` (None: the family's stock pooling)."""
+        if config is None:
+            side = math.isqrt(self.stock_frame_tokens())  # stock pools a square grid to a square grid
+            return side, side
+        return config.output_grid(*self.patch_grid())
+
+    def video_token_count(self, num_frames: int, config: STGridPoolConfig | None) -> int:
+        """Placeholder tokens of one ``num_frames`` video pooled with ``config`` (None: stock pooling).
+
+        The one count behind the prompt's placeholders, profiling, the token
+        budget and the savings metric.
+        """
+        height, width = self.pooled_grid(config)
+        if self.video_newline == "grid":  # a newline ends every row of every frame; none for the video
+            return num_frames * height * (width + 1)
+        return num_frames * height * width + self.video_extra_tokens
+
+    def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int) -> int:
+        """vLLM's own count (profiling, stock prompts): the same as every request's."""
+        settings = self.stgridpool_settings
+        return self.video_token_count(num_frames, None if settings is None else settings.pool)
+
+    def fit_video(self, num_frames: int, request: RequestSettings) -> VideoFit:
+        """Frames and kernel of one video under the request's token budget (see :mod:`budget`)."""
+        settings = self.stgridpool_settings
+        config = request.config
+        height, width = self.patch_grid()
+        return fit_video(
+            num_frames,
+            config.kernel_size,
+            request.max_video_tokens,
+            min_frames=settings.min_frames,
+            max_kernel_size=settings.max_kernel_size,
+            tokens=lambda frames, kernel: self.video_token_count(frames, with_kernel(config, kernel)),
+            kernel_fits=lambda kernel: kernel <= min(height, width),
+        )
 
     def _get_num_frame_tokens(self, *, image_width: int, image_height: int) -> int:
         settings = self.stgridpool_settings
@@ -85,6 +141,9 @@ class STGridPoolProcessingInfo:
 
     def get_num_frames_with_most_features(self, seq_len: int, mm_counts: Mapping[str, int]) -> int:
         settings = self.stgridpool_settings
+        if settings is None and self.video_newline == "grid":
+            # Stock pooling in LLaVA-Video's layout: the paper's baseline, at max_frames too.
+            settings = plugin_settings(self.get_hf_config())
         if settings is None:
             return super().get_num_frames_with_most_features(seq_len, mm_counts)
         fitting = self._get_max_video_frames(seq_len) // max(mm_counts.get("video", 0), 1)
@@ -100,16 +159,16 @@ class STGridPoolProcessorMixin:
     """Mixin for a vLLM multimodal processor whose ``info`` is an :class:`STGridPoolProcessingInfo`."""
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
-        config = self.info.video_config(hf_kwargs)
+        request = self.info.video_settings(hf_kwargs)
         videos = _video_items(mm_items)
-        if videos is not None:
-            for index in range(videos.get_count()):
-                check_num_frames(self.info.stgridpool_settings, videos.get_num_frames(index))
         hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != REQUEST_KEY}
         processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)
-        if config is not None and videos is not None and videos.get_count():
-            row = config_to_row(config)
-            processed[CONFIG_FIELD] = torch.tensor([row] * videos.get_count(), dtype=torch.float64)
+        if request is not None and videos is not None and videos.get_count():
+            rows = []
+            for index in range(videos.get_count()):
+                fit = self.info.fit_video(videos.get_num_frames(index), request)
+                rows.append(config_to_row(with_kernel(request.config, fit.kernel_size)))
+            processed[CONFIG_FIELD] = torch.tensor(rows, dtype=torch.float64)
         return processed
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs):
@@ -120,18 +179,16 @@ class STGridPoolProcessorMixin:
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        config = self.info.video_config(hf_processor_mm_kwargs)
-        if config is None:
+        request = self.info.video_settings(hf_processor_mm_kwargs)
+        if request is None:
             return updates
         video_token_id = self.info.get_hf_config().video_token_index
-        grid = self.info.patch_grid()
 
         def replacement(item_idx: int) -> list[int]:
             videos = mm_items.get_items("video", (VideoEmbeddingItems, VideoProcessorItems))
             if isinstance(videos, VideoEmbeddingItems):
                 return [video_token_id] * videos.get_feature_size(item_idx)
-            num_frames = videos.get_num_frames(item_idx)
-            return [video_token_id] * (config.num_tokens(num_frames, *grid) + self.info.video_extra_tokens)
+            return [video_token_id] * self.info.fit_video(videos.get_num_frames(item_idx), request).tokens
 
         return [
             PromptReplacement(modality="video", target=[video_token_id], replacement=replacement)
@@ -140,38 +197,75 @@ class STGridPoolProcessorMixin:
             for update in updates
         ]
 
-
     def apply(self, inputs, timing_ctx):
-        """Process one request with its ST-GridPool config in one canonical form.
+        """Process one request with its ST-GridPool settings in one canonical form.
 
         The client's ``stgridpool`` object is checked here, in the API
-        server, and replaced by the resolved config as a row of floats:
-        vLLM's multimodal cache key hashes the processor kwargs, so equal
-        settings however written (3 or 3.0, defaults spelled out or left out)
-        share cache entries and different settings never do. Each video's
-        record for the metrics rides on the result until vLLM accepts the
-        request (patch P8).
+        server, and replaced by the resolved settings (the config as a row of
+        floats, the budget as an int): vLLM's multimodal cache key hashes the
+        processor kwargs, so equal settings however written (3 or 3.0,
+        defaults spelled out or left out) share cache entries and different
+        settings never do. Videos over the token budget are sampled down to
+        the frames the budget keeps before anything else sees them. Each
+        video's record for the metrics rides on the result until vLLM
+        accepts the request (patch P8).
         """
         kwargs = dict(inputs.hf_processor_mm_kwargs)
-        config = self.info.request_video_config(kwargs)
+        request = self.info.request_video_settings(kwargs)
         kwargs.pop(REQUEST_KEY, None)
-        if config is not None:
-            kwargs[REQUEST_KEY] = tuple(config_to_row(config))
-        result = super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
         videos = _video_items(inputs.mm_data_items)
-        ranges = result["mm_placeholders"].get("video", []) if videos is not None else []
-        if config is not None and ranges:
-            stock_per_frame = self.info.stock_frame_tokens()
-            extra = self.info.video_extra_tokens
-            result[RECORDS_KEY] = [
-                metrics.VideoRecord(
-                    num_frames=videos.get_num_frames(index),
-                    tokens=placeholder.length,
-                    stock_tokens=stock_per_frame * videos.get_num_frames(index) + extra,
-                )
-                for index, placeholder in enumerate(ranges)
-            ]
+        fits = []
+        if request is not None:
+            kwargs[REQUEST_KEY] = {
+                "config": tuple(config_to_row(request.config)),
+                "max_video_tokens": request.max_video_tokens,
+            }
+            if videos is not None:
+                for index in range(videos.get_count()):
+                    check_num_frames(self.info.stgridpool_settings, videos.get_num_frames(index))
+                fits = [self.info.fit_video(videos.get_num_frames(i), request) for i in range(videos.get_count())]
+                inputs = dataclasses.replace(inputs, mm_data_items=_keep_fitted_frames(inputs.mm_data_items, fits))
+        result = super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+        if fits:
+            result[RECORDS_KEY] = self._video_records(videos, fits, result["mm_placeholders"].get("video", []))
         return result
+
+    def _video_records(self, videos, fits, placeholders) -> list[metrics.VideoRecord]:
+        records = []
+        for index, (fit, placeholder) in enumerate(zip(fits, placeholders)):
+            num_frames = videos.get_num_frames(index)
+            records.append(
+                metrics.VideoRecord(
+                    num_frames=num_frames,
+                    tokens=placeholder.length,
+                    stock_tokens=self.info.video_token_count(num_frames, None),
+                    frames_kept=fit.frames,
+                    kernel_size=fit.kernel_size,
+                    budget_limited=fit.limited,
+                )
+            )
+        return records
+
+
+def _keep_fitted_frames(mm_items, fits: list[VideoFit]):
+    """``mm_items`` with each budget-limited video sampled down to the frames its fit keeps."""
+    videos = mm_items["video"]
+    if not any(fit.limited for fit in fits):
+        return mm_items
+    data = []
+    for index, fit in enumerate(fits):
+        frames = videos.get(index)
+        keep = sample_frames(len(frames), fit.frames)
+        if len(keep) < len(frames):
+            frames = frames[keep] if hasattr(frames, "shape") else [frames[i] for i in keep]
+        data.append(frames)
+    items = type(mm_items)(mm_items)
+    items["video"] = VideoProcessorItems(data, getattr(videos, "metadata", None))
+    return items
+
+
+def with_kernel(config: STGridPoolConfig, kernel_size: int) -> STGridPoolConfig:
+    return config if config.kernel_size == kernel_size else msgspec.structs.replace(config, kernel_size=kernel_size)
 
 
 def _video_items(mm_items) -> VideoProcessorItems | None:
