@@ -184,3 +184,22 @@ def test_a_request_budget_picks_frames_and_kernel_the_model_sees(processor, num_
 def test_a_budget_too_small_for_one_frame_is_refused_with_the_smallest_that_works(processor, frames):
     with pytest.raises(ValueError, match="use max_video_tokens >= 37"):
         process(processor, frames, {"max_video_tokens": 36})
+
+
+def test_a_request_budget_above_the_servers_is_refused(onevision_checkpoint, frames):
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    model_config = ModelConfig(
+        model=str(onevision_checkpoint),
+        hf_overrides={"stgridpool": {"max_video_tokens": 4096}},
+        dtype="float32",
+        max_model_len=16384,
+        limit_mm_per_prompt={"video": 1},
+    )
+    budgeted = MULTIMODAL_REGISTRY.create_processor(model_config)
+    with pytest.raises(ValueError, match="from 1 to 4096"):
+        process(budgeted, frames, {"max_video_tokens": 5000})
+    long_video = np.random.default_rng(1).integers(0, 256, (64, 64, 80, 3), dtype=np.uint8)
+    assert process(budgeted, long_video)["mm_placeholders"]["video"][0].length == 24 * 169 + 1
+    assert process(budgeted, long_video, {"max_video_tokens": 2048})["mm_placeholders"]["video"][0].length == 25 * 81 + 1

@@ -301,3 +301,42 @@ def test_metrics_skip_requests_vllm_rejects(server, client, mp4_factory):
     assert metric(server, "stgridpool_videos_total") == videos
     ask(client, mp4_factory(5))
     assert metric(server, "stgridpool_videos_total") == videos + 1
+
+
+def test_token_budgets_in_one_concurrent_batch(server, mp4_factory, text_tokens):
+    """Several budgets and lengths at once: each video's tokens are what the README's rule predicts."""
+    import asyncio
+
+    cases = [  # (mp4 frames, max_video_tokens, video tokens by the rule, budget-limited)
+        (64, 4096, 24 * 169 + 1, True),  # 24 frames fit at kernel 2 (>= min_frames 16)
+        (100, 4096, 24 * 169 + 1, True),  # sampled to 64 frames by the loader first
+        (16, 2048, 16 * 81 + 1, True),  # only 12 fit at kernel 2: kernel 3 holds all 16
+        (5, 500, 5 * 81 + 1, True),  # 2 fit at kernel 2, all 5 at kernel 3
+        (64, 1000, 27 * 36 + 1, True),  # 12 fit at kernel 3: kernel 4 holds 27
+        (8, 20000, 8 * 169 + 1, False),
+    ]
+    limited_before = metric(server, "stgridpool_budget_limited_videos_total")
+
+    async def run() -> list[int]:
+        aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0)
+        async with aclient:
+            replies = await asyncio.gather(*(
+                aclient.chat.completions.create(
+                    model="llava-video", messages=messages(data_url(mp4_factory(frames))), max_tokens=2,
+                    temperature=0.0, extra_body={"mm_processor_kwargs": {"stgridpool": {"max_video_tokens": budget}}},
+                )
+                for frames, budget, _, _ in cases
+            ))
+        return [reply.usage.prompt_tokens - text_tokens for reply in replies]
+
+    assert asyncio.run(run()) == [tokens for _, _, tokens, _ in cases]
+    limited = sum(case[3] for case in cases)
+    assert metric(server, "stgridpool_budget_limited_videos_total") - limited_before == limited
+    assert "kept 24 frames at kernel_size 2 (budget-limited)" in server.log()
+
+
+def test_a_budget_below_one_frame_is_a_400_naming_the_smallest(client, mp4_factory, text_tokens):
+    extra = {"mm_processor_kwargs": {"stgridpool": {"max_video_tokens": 20}}}
+    with pytest.raises(openai.BadRequestError, match="use max_video_tokens >= 37"):
+        ask(client, mp4_factory(8), extra_body=extra)
+    assert ask(client, mp4_factory(8)).usage.prompt_tokens == text_tokens + 8 * 169 + 1
