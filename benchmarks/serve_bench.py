@@ -6,6 +6,7 @@ the same KV-cache size and the same 64 sampled frames per video:
 - stock: ``VLLM_PLUGINS=`` (no plugin loads), vLLM's own 2x2 bilinear pooling;
 - stgridpool-k2: ``VLLM_PLUGINS=stgridpool --hf-overrides '{"stgridpool": {}}'``;
 - stgridpool-k3: the same with ``{"stgridpool": {"kernel_size": 3}}``.
+- stgridpool-b4096: k=2 with a video-token budget, ``{"stgridpool": {"max_video_tokens": 4096}}``.
 
 For each server it measures
 
@@ -64,8 +65,14 @@ VARIANTS = {
     "stock": (None, ""),
     "stgridpool-k2": ({"stgridpool": {}}, "stgridpool"),
     "stgridpool-k3": ({"stgridpool": {"kernel_size": 3}}, "stgridpool"),
+    "stgridpool-b4096": ({"stgridpool": {"max_video_tokens": 4096}}, "stgridpool"),
 }
-LABELS = {"stock": "stock (2x2 bilinear)", "stgridpool-k2": "ST-GridPool k=2", "stgridpool-k3": "ST-GridPool k=3"}
+LABELS = {
+    "stock": "stock (2x2 bilinear)",
+    "stgridpool-k2": "ST-GridPool k=2",
+    "stgridpool-k3": "ST-GridPool k=3",
+    "stgridpool-b4096": "ST-GridPool, 4,096-token budget",
+}
 
 KV_LOG_LINE = re.compile(
     r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x"
