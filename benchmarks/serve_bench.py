@@ -1,11 +1,11 @@
 """Serving benchmark: stock LLaVA-OneVision against ST-GridPool (k=2, k=3) behind vLLM's OpenAI server.
 
-Three servers run one after the other on the same benchmark checkpoint, with
+Four servers run one after the other on the same benchmark checkpoint, with
 the same KV-cache size and the same 64 sampled frames per video:
 
 - stock: ``VLLM_PLUGINS=`` (no plugin loads), vLLM's own 2x2 bilinear pooling;
 - stgridpool-k2: ``VLLM_PLUGINS=stgridpool --hf-overrides '{"stgridpool": {}}'``;
-- stgridpool-k3: the same with ``{"stgridpool": {"kernel_size": 3}}``.
+- stgridpool-k3: the same with ``{"stgridpool": {"kernel_size": 3}}``;
 - stgridpool-b4096: k=2 with a video-token budget, ``{"stgridpool": {"max_video_tokens": 4096}}``.
 
 For each server it measures
