@@ -15,6 +15,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import msgspec
+
 from vllm_stgridpool.config import (
     MAX_LEVELS,
     MAX_VIDEO_TOKENS,
@@ -133,7 +135,8 @@ def request_budget(server: int | None, requested: object) -> int | None:
 
 
 def check_request_cost(server: STGridPoolConfig, request: STGridPoolConfig, shape: StageShape) -> None:
-    """Reject a request config that costs more tokens, stage memory or stage work than the server's."""
+    """Reject a request config that costs more tokens, or a pyramid that costs more stage memory or
+    work, than the server's own setting at ``max_frames`` (what start-up profiled)."""
     height, width = shape.height, shape.width
     request.output_grid(height, width)  # a kernel larger than the grid: named error
     server_tokens = server.num_tokens(1, height, width)
@@ -144,22 +147,27 @@ def check_request_cost(server: STGridPoolConfig, request: STGridPoolConfig, shap
             f"than this server's {server_tokens} (kernel_size {server.kernel_size} on a "
             f"{height} x {width} grid); use kernel_size >= {server.kernel_size}"
         )
-    server_cost = plan.stage_cost(shape.max_frames, height, width, shape.channels, server, shape.itemsize)
-    request_cost = plan.stage_cost(shape.max_frames, height, width, shape.channels, request, shape.itemsize)
-    if request_cost.peak_bytes > server_cost.peak_bytes:
-        raise STGridPoolConfigError(
-            f"mm_processor_kwargs.stgridpool (grid_sizes, grid_strides, kernel_size) would need "
-            f"{request_cost.peak_bytes} bytes of stage memory for a {shape.max_frames}-frame video, "
-            f"more than the {server_cost.peak_bytes} this server profiled; use fewer or sparser "
-            f"pyramid levels (larger grid_strides) or the server's own setting"
-        )
-    if request_cost.work > server_cost.work:
-        raise STGridPoolConfigError(
-            f"mm_processor_kwargs.stgridpool (grid_sizes, grid_strides, kernel_size) would need "
-            f"{request_cost.work} units of stage work for a {shape.max_frames}-frame video, more "
-            f"than the {server_cost.work} of this server's setting; use fewer or sparser pyramid "
-            f"levels (larger grid_strides) or the server's own setting"
-        )
+    # The pyramid is what can blow the stage's memory and work up (8 levels at stride 1 hold
+    # many times the input); compare it with the server's at the request's own kernel and norm,
+    # whose costs are bounded by the token check above and by the stage's chunked workspace.
+    same_but_pyramid = msgspec.structs.replace(
+        request, grid_sizes=server.grid_sizes, grid_strides=server.grid_strides
+    )
+    args = (shape.max_frames, height, width, shape.channels)
+    allowed = plan.stage_cost(*args, same_but_pyramid, shape.itemsize)
+    needed = plan.stage_cost(*args, request, shape.itemsize)
+    for what, need, limit in (
+        ("bytes of stage memory", needed.peak_bytes, allowed.peak_bytes),
+        ("units of stage work", needed.work, allowed.work),
+    ):
+        if need > limit:
+            raise STGridPoolConfigError(
+                f"mm_processor_kwargs.stgridpool grid_sizes {list(request.grid_sizes)} with "
+                f"grid_strides {list(request.grid_strides)} would need {need} {what} for a "
+                f"{shape.max_frames}-frame video, more than the {limit} of this server's pyramid "
+                f"(grid_sizes {list(server.grid_sizes)}, grid_strides {list(server.grid_strides)}); "
+                f"use fewer levels, smaller grids or larger strides"
+            )
 
 
 def check_num_frames(settings: STGridPoolSettings | None, num_frames: int) -> None:
