@@ -203,3 +203,16 @@ def test_a_request_budget_above_the_servers_is_refused(onevision_checkpoint, fra
     long_video = np.random.default_rng(1).integers(0, 256, (64, 64, 80, 3), dtype=np.uint8)
     assert process(budgeted, long_video)["mm_placeholders"]["video"][0].length == 24 * 169 + 1
     assert process(budgeted, long_video, {"max_video_tokens": 2048})["mm_placeholders"]["video"][0].length == 25 * 81 + 1
+
+
+@pytest.mark.parametrize("module", ["request_trust", "accepted_metrics"])
+def test_p6_and_p8_guards(module):
+    """Both apply to the installed vLLM (its features are there) and to no unsupported version."""
+    import importlib
+
+    import vllm
+
+    guard = importlib.import_module(f"vllm_stgridpool.compat.{module}").GUARD
+    assert guard.why_not(vllm.__version__) is None
+    assert "not a supported version" in guard.why_not("0.31.2")
+    assert "not a supported version" in guard.why_not("0.34.0")

@@ -13,26 +13,26 @@ Ledger entry: patches/README.md, P8.
 from __future__ import annotations
 
 import functools
-import logging
 
-from vllm_stgridpool.compat import is_supported
-
-logger = logging.getLogger("vllm.stgridpool")
+from vllm_stgridpool.compat import Feature, Guard
 
 RECORDS_KEY = "stgridpool_videos"  # list of metrics.VideoRecord in a processed engine input
+
+# The same method, taking the request id and the processed prompt first, in vLLM 0.32 and 0.33.
+GUARD = Guard(
+    "P8",
+    "video metrics counted once a request is accepted",
+    (Feature("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", ("request_id", "prompt")),),
+)
 
 
 def apply(vllm_version: str) -> bool:
     """Wrap ``InputProcessor.process_inputs`` on a version it was written for."""
-    if not is_supported(vllm_version):
-        logger.info("vllm_stgridpool: accepted-request metrics (P8) not applied to vLLM %s", vllm_version)
+    if not GUARD.applies(vllm_version):
         return False
     from vllm.v1.engine.input_processor import InputProcessor
 
-    original = getattr(InputProcessor, "process_inputs", None)
-    if original is None:
-        logger.warning("vllm_stgridpool: InputProcessor.process_inputs not found; P8 not applied")
-        return False
+    original = InputProcessor.process_inputs
     if not getattr(original, "_stgridpool_metrics", False):
         InputProcessor.process_inputs = count_when_accepted(original)
     return True

@@ -15,17 +15,21 @@ vLLM's own check unchanged. Ledger entry: patches/README.md, P6.
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 
-from vllm_stgridpool.compat import is_supported
-
-logger = logging.getLogger("vllm.stgridpool")
+from vllm_stgridpool.compat import Feature, Guard
 
 PROTOCOL_MODULE = "vllm.entrypoints.generate.base.protocol"
 FUNCTION = "validate_request_mm_kwargs"
 # Modules that bind the function by name at import time (vLLM 0.32 and 0.33).
 IMPORTERS = ("vllm.renderers.online_renderer", "vllm.entrypoints.pooling.base.serving")
+
+# The same function, with the same keyword-only signature, in vLLM 0.32 and 0.33.
+GUARD = Guard(
+    "P6",
+    "the stgridpool request key without --trust-request-mm-kwargs",
+    (Feature(PROTOCOL_MODULE, FUNCTION, ("mm_processor_kwargs", "media_io_kwargs", "trust_request_mm_kwargs")),),
+)
 
 _active = False  # set once the served model's config has ST-GridPool active
 
@@ -47,16 +51,12 @@ def own_key_only(mm_processor_kwargs, media_io_kwargs, key: str) -> bool:
 
 def apply(vllm_version: str) -> bool:
     """Wrap vLLM's check on a version it was written for; returns whether it did."""
-    if not is_supported(vllm_version):
-        logger.info("vllm_stgridpool: request-trust fix (P6) not applied to vLLM %s", vllm_version)
+    if not GUARD.applies(vllm_version):
         return False
     import importlib
 
     protocol = importlib.import_module(PROTOCOL_MODULE)
-    original = getattr(protocol, FUNCTION, None)
-    if original is None:
-        logger.warning("vllm_stgridpool: %s.%s not found; P6 not applied", PROTOCOL_MODULE, FUNCTION)
-        return False
+    original = getattr(protocol, FUNCTION)
     wrapped = original if getattr(original, "_stgridpool_trust", False) else trust_own_key(original)
     setattr(protocol, FUNCTION, wrapped)
     for name in IMPORTERS:  # already imported: rebind their copy of the name
