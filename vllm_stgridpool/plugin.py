@@ -90,7 +90,7 @@ def register() -> None:
                 f"{reason}. Install a vllm-stgridpool release made for this vLLM, or a supported vLLM; "
                 "or start the server without --plugins stgridpool / VLLM_PLUGINS=stgridpool"
             )
-        say_refusal_once(f"vllm_stgridpool: {reason}; the plugin is not active, vLLM runs without it", logger.warning)
+        say_refusal_once(f"{reason}; the plugin is not active, vLLM runs without it", logger.warning)
         return
     from vllm import ModelRegistry
 

@@ -137,7 +137,9 @@ class Guard:
 
     ``patch`` is its ledger ID (``"P4"``), ``summary`` a few words for the
     log line, ``features`` what it changes or calls, ``fixed_in`` the
-    supported series whose vLLM no longer has the defect.
+    supported series whose vLLM no longer has the defect. ``any_vllm`` is
+    for a patch that changes no part of vLLM (P2 fixes torchvision's import
+    for vLLM and everything else): only its features are checked.
     """
 
     def __init__(
@@ -146,18 +148,20 @@ class Guard:
         summary: str,
         features: tuple[Feature, ...] = (),
         fixed_in: tuple[tuple[int, int], ...] = (),
+        any_vllm: bool = False,
     ) -> None:
         self.patch = patch
         self.summary = summary
         self.features = tuple(features)
         self.fixed_in = tuple(fixed_in)
+        self.any_vllm = any_vllm
 
-    def why_not(self, vllm_version: str) -> str | None:
-        """None when the patch applies to this vLLM; otherwise the reason it does not."""
-        series = release_series(vllm_version)
-        if series not in SUPPORTED_SERIES:
+    def why_not(self, vllm_version: str | None) -> str | None:
+        """None when the patch applies next to this vLLM; otherwise the reason it does not."""
+        series = None if vllm_version is None else release_series(vllm_version)
+        if not self.any_vllm and series not in SUPPORTED_SERIES:
             return f"vLLM {vllm_version} is not a supported version ({supported_text()})"
-        if series in self.fixed_in:
+        if not self.any_vllm and series in self.fixed_in:
             return f"vLLM {vllm_version} has the upstream fix"
         for feature in self.features:
             try:
@@ -166,7 +170,7 @@ class Guard:
                 return f"vLLM {vllm_version} differs from what the patch expects: {exc}"
         return None
 
-    def applies(self, vllm_version: str, say=None) -> bool:
+    def applies(self, vllm_version: str | None, say=None) -> bool:
         """:meth:`why_not`, reported once per process by ``say(message)`` (default: the plugin's INFO log)."""
         reason = self.why_not(vllm_version)
         if reason is not None and (self.patch, self.summary) not in _said:

@@ -5,9 +5,10 @@ C++ ops do not load against ``torch==2.13.0+cpu``; its import then dies in
 ``torchvision/_meta_registrations.py`` with "operator torchvision::nms does not
 exist" (torchvision 0.29, vLLM 0.33's pin, does the same). transformers' video
 processors only need torchvision's Python transforms, so declaring the two op
-schemas it registers fake kernels for is enough. Acts only next to a supported
-vLLM, and only when torchvision's own ops fail to load. Ledger entry:
-patches/README.md, P2.
+schemas it registers fake kernels for is enough. Acts only when torchvision's
+own ops fail to load, next to any vLLM version: it changes nothing in vLLM, and
+without it no vLLM of such an environment imports (stock vLLM included).
+Ledger entry: patches/README.md, P2.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import importlib.abc
 import importlib.util
 import sys
 
-from vllm_stgridpool.compat import Feature, Guard, is_supported, say_on_stderr, vllm_version
+from vllm_stgridpool.compat import Feature, Guard, say_on_stderr, vllm_version
 
-GUARD = Guard("P2", "torchvision op schemas beside a CPU torch", (Feature("torch.library", "Library"),))
+GUARD = Guard("P2", "torchvision op schemas beside a CPU torch", (Feature("torch.library", "Library"),), any_vllm=True)
 _SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -35,9 +36,8 @@ def declare_missing_ops() -> bool:
     global _library
     if _library is not None:
         return True
-    version = vllm_version()
-    if version is None or not is_supported(version) or not GUARD.applies(version, say_on_stderr):
-        return False  # an unsupported vLLM: the plugin says so once, this hook stays quiet
+    if not GUARD.applies(vllm_version(), say_on_stderr):
+        return False
     import glob
     import os
 

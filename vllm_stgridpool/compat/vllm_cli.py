@@ -240,7 +240,7 @@ def plan_patches(installed: tuple[str, str] | None) -> dict[str, list]:
     dist_name, version = installed
     if not is_supported(version):
         say_refusal_once(
-            f"vllm_stgridpool: {unsupported_message(version)}; the plugin is not active, vLLM runs without it",
+            f"{unsupported_message(version)}; the plugin is not active, vLLM runs without it",
             say_on_stderr,
         )
         return {CLI_MAIN: [refuse_plugins_option(version)]}
