@@ -21,6 +21,30 @@ def next_video_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def onevision_replica(tmp_path_factory):
+    """A replica of llava-hf/llava-onevision-qwen2-7b-ov-hf: its structure and files, depth and widths shrunk."""
+    from vllm_stgridpool.tiny_models import build_onevision_replica
+
+    return build_onevision_replica(tmp_path_factory.mktemp("replicas") / "llava-onevision-qwen2-7b-ov-hf")
+
+
+@pytest.fixture(scope="session")
+def llava_video_replica(tmp_path_factory):
+    """A replica of llava-hf/LLaVA-Video-7B-Qwen2-hf, in a folder named like the checkpoint (grid layout)."""
+    from vllm_stgridpool.tiny_models import build_llava_video_replica
+
+    return build_llava_video_replica(tmp_path_factory.mktemp("replicas") / "LLaVA-Video-7B-Qwen2-hf")
+
+
+@pytest.fixture(scope="session")
+def next_video_replica(tmp_path_factory):
+    """A replica of llava-hf/LLaVA-NeXT-Video-7B-hf: its structure and files, depth and widths shrunk."""
+    from vllm_stgridpool.tiny_models import build_next_video_replica
+
+    return build_next_video_replica(tmp_path_factory.mktemp("replicas") / "LLaVA-NeXT-Video-7B-hf")
+
+
+@pytest.fixture(scope="session")
 def mp4_factory(tmp_path_factory):
     """``make(num_frames, width=, height=, fps=) -> Path``; each distinct clip is encoded once."""
     folder = tmp_path_factory.mktemp("videos")
