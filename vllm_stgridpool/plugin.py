@@ -95,8 +95,11 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from vllm_stgridpool.compat import accepted_metrics, media_fetch, model_redirect, request_trust
+    from vllm_stgridpool.compat import model_aliases, video_processor_class
 
     model_redirect.apply(version)
+    model_aliases.apply(version)  # llava-video -> the published checkpoint, unless redirected
+    video_processor_class.apply(version)  # LLaVA-NeXT-Video's published processor files load
     request_trust.apply(version)  # acts only once a served model has ST-GridPool active
     accepted_metrics.apply(version)
     if named_in_vllm_plugins():  # an explicit opt-in: only then change vLLM's error codes
