@@ -140,10 +140,8 @@ class STGridPoolProcessingInfo:
         return settings.pool.num_tokens(1, *self.patch_grid())
 
     def get_num_frames_with_most_features(self, seq_len: int, mm_counts: Mapping[str, int]) -> int:
-        settings = self.stgridpool_settings
-        if settings is None and self.video_newline == "grid":
-            # Stock pooling in LLaVA-Video's layout: the paper's baseline, at max_frames too.
-            settings = plugin_settings(self.get_hf_config())
+        # The plugin active with "enabled": false too: a stock-pooling baseline sees max_frames frames.
+        settings = plugin_settings(self.get_hf_config())
         if settings is None:
             return super().get_num_frames_with_most_features(seq_len, mm_counts)
         fitting = self._get_max_video_frames(seq_len) // max(mm_counts.get("video", 0), 1)
