@@ -1,0 +1,338 @@
+"""The published checkpoints, as replicas, served by a real ``vllm serve ... --plugins stgridpool``.
+
+Each replica has its checkpoint's structure and files (tiny_models.py). Each
+server gets one 64-frame mp4 (the paper's setting) through the OpenAI chat
+API, and the answer is checked twice, independently of the plugin:
+
+- its prompt tokens against the formula (``T * h * w + 1`` for
+  LLaVA-OneVision, ``T * h * (w + 1)`` for LLaVA-Video's grid layout,
+  ``T * h * w`` for LLaVA-NeXT-Video) plus the text tokens of the replica's
+  own chat template and tokenizer;
+- its greedy tokens and first-step logprobs against transformers' own model
+  with its pooling swapped for the plain reference implementation
+  (tests/reference_stgridpool.py) and, for LLaVA-Video, its newline placed
+  by a plain rewrite of LLaVA-NeXT's ``add_token_per_grid``.
+
+LLaVA-Video is served exactly as the README tells users to: ``vllm serve
+llava-video --plugins stgridpool``, no redirect file, offline, with the
+replica in the Hugging Face cache under the published repository id.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import math
+
+import openai
+import pytest
+import torch
+
+from tests.engines import run_engine
+from tests.reference_stgridpool import st_gridpool_reference
+from tests.test_grid_layout import add_token_per_grid
+from vllm_stgridpool.launch import start_server
+
+pytestmark = pytest.mark.engine
+
+FRAMES = 64
+QUESTION = "What happens in this video?"
+NEW_TOKENS = 4
+LOGPROB_TOLERANCE = 2e-3
+SERVER_ARGS = (
+    "--plugins", "stgridpool",
+    "--dtype", "float32",  # so vLLM and transformers agree token for token
+    "--enforce-eager",
+    "--kv-cache-memory-bytes", str(1 << 30),
+)
+NO_REDIRECT = {"VLLM_MODEL_REDIRECT_PATH": ""}  # the venv's demo alias file must not answer for these names
+
+
+def chat(video_url: str) -> list[dict]:
+    return [{
+        "role": "user",
+        "content": [{"type": "video_url", "video_url": {"url": video_url}}, {"type": "text", "text": QUESTION}],
+    }]
+
+
+def ask(server, model: str, video, **extra):
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0)
+    url = "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()
+    return client.chat.completions.create(
+        model=model, messages=chat(url), max_tokens=NEW_TOKENS, temperature=0.0,
+        logprobs=True, top_logprobs=5, extra_body={"return_tokens_as_token_ids": True, **extra},
+    )
+
+
+def served_answer(response) -> dict:
+    """Greedy token ids and the first step's top logprobs (token id -> logprob) of a chat response."""
+    steps = response.choices[0].logprobs.content
+    token_id = lambda item: int(item.token.removeprefix("token_id:"))  # noqa: E731
+    return {
+        "prompt_tokens": response.usage.prompt_tokens,
+        "tokens": [token_id(step) for step in steps],
+        "first_logprobs": {token_id(item): item.logprob for item in steps[0].top_logprobs},
+    }
+
+
+def rendered_prompt(checkpoint) -> str:
+    """The prompt text the replica's chat template makes of the chat (the video as one placeholder)."""
+    from transformers import AutoTokenizer
+
+    template = json.loads((checkpoint / "chat_template.json").read_text())["chat_template"]
+    message = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return tokenizer.apply_chat_template(message, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+
+def text_tokens(checkpoint) -> int:
+    """Prompt tokens other than the ``<video>`` placeholder; chat prompts get no BOS added (vLLM's default)."""
+    from transformers import AutoTokenizer
+
+    prompt = rendered_prompt(checkpoint)
+    assert prompt.count("<video>") == 1
+    return len(AutoTokenizer.from_pretrained(checkpoint)(prompt, add_special_tokens=False)["input_ids"]) - 1
+
+
+def decoded_frames(video):
+    """All frames of the mp4, as the server decodes them (decord; 64 of 64 frames sampled)."""
+    import decord
+
+    reader = decord.VideoReader(str(video), ctx=decord.cpu(0))
+    assert len(reader) == FRAMES
+    return reader.get_batch(list(range(FRAMES))).asnumpy()
+
+
+def reference_pool(features: torch.Tensor, side: int, kernel: int) -> torch.Tensor:
+    """(T, side * side, D) -> (T, h * w, D) with the plain reference ST-GridPool (paper defaults, ``kernel``)."""
+    frames, _, dim = features.shape
+    pooled = st_gridpool_reference(features.reshape(frames, side, side, dim).double(), kernel_size=kernel)
+    return pooled.reshape(frames, -1, dim).to(features.dtype)
+
+
+def pooled_side(side: int, kernel: int | None) -> int:
+    return math.ceil(side / 2) if kernel is None else (side - kernel) // kernel + 1
+
+
+def transformers_answer(model, processor, prompt: str, frames) -> dict:
+    inputs = processor(text=prompt, videos=[frames], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+    prompt_len = inputs["input_ids"].shape[1]
+    first = torch.log_softmax(out.scores[0][0].double(), dim=-1)
+    return {"prompt_tokens": prompt_len, "tokens": out.sequences[0, prompt_len:].tolist(), "first": first}
+
+
+def onevision_in_transformers(checkpoint, prompt: str, frames, *, kernel: int | None, layout: str) -> dict:
+    """transformers' LLaVA-OneVision, pooled by the reference (``kernel``; None: its own bilinear pooling),
+    its newline placed per ``layout``, its processor's placeholder count set to match."""
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    out_side = pooled_side(side, kernel)
+
+    def count(num_frames: int) -> int:
+        return num_frames * out_side * (out_side + 1) if layout == "grid" else num_frames * out_side**2 + 1
+
+    processor.replace_video_token = lambda inputs, video_idx, **_: processor.video_token * count(
+        len(inputs["pixel_values_videos"][video_idx])
+    )
+    if kernel is not None:
+        model.model.apply_pooling = lambda features: reference_pool(features, side, kernel)
+    if layout == "grid":
+        video_features = model.model.get_video_features
+
+        @functools.wraps(video_features)  # generate() reads its signature
+        def in_grid_layout(*args, **kwargs):
+            out = video_features(*args, **kwargs)
+            video = out.pooler_output[0, :-1]  # transformers' one newline per video, dropped
+            pooled = video.reshape(-1, out_side, out_side, video.shape[-1])
+            out.pooler_output = add_token_per_grid(pooled, model.model.image_newline.to(video.dtype))[None]
+            return out
+
+        model.model.get_video_features = in_grid_layout
+    return transformers_answer(model, processor, prompt, frames)
+
+
+def next_video_in_transformers(checkpoint, prompt: str, frames, *, kernel: int) -> dict:
+    """transformers' LLaVA-NeXT-Video with its pooling (before the projector) swapped for the reference.
+
+    Its processor is assembled from the checkpoint's files: transformers'
+    AutoProcessor cannot load them (huggingface/transformers#42142; P9).
+    """
+    from transformers import (
+        AutoTokenizer,
+        LlavaNextImageProcessor,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
+    )
+
+    settings = json.loads((checkpoint / "processor_config.json").read_text())
+    settings.pop("processor_class")
+    processor = LlavaNextVideoProcessor(
+        video_processor=LlavaNextVideoVideoProcessor.from_pretrained(checkpoint),
+        image_processor=LlavaNextImageProcessor.from_pretrained(checkpoint),
+        tokenizer=AutoTokenizer.from_pretrained(checkpoint),
+        **settings,
+    )
+    model = LlavaNextVideoForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    out_side = pooled_side(side, kernel)
+    processor.replace_video_token = lambda inputs, video_idx, **_: processor.video_token * (
+        len(inputs["pixel_values_videos"][video_idx]) * out_side**2
+    )
+
+    class ReferencePooling(torch.nn.Module):
+        def forward(self, features):  # (T, side * side, D) of the one video, CLS already dropped
+            return reference_pool(features, side, kernel)
+
+    model.model.vision_resampler = ReferencePooling()
+    return transformers_answer(model, processor, prompt, frames)
+
+
+def assert_same_answer(served: dict, reference: dict) -> None:
+    assert served["prompt_tokens"] == reference["prompt_tokens"]
+    assert served["tokens"] == reference["tokens"]
+    for token, logprob in served["first_logprobs"].items():
+        assert abs(reference["first"][token].item() - logprob) < LOGPROB_TOLERANCE, token
+
+
+@pytest.fixture(scope="module")
+def video(mp4_factory):
+    return mp4_factory(FRAMES)
+
+
+@pytest.fixture(scope="module")
+def frames(video):
+    return decoded_frames(video)
+
+
+def hf_cache_with(checkpoint, repo_id: str, root):
+    """A Hugging Face hub cache holding ``checkpoint`` as the snapshot of ``repo_id`` (nothing downloaded)."""
+    revision = "0" * 40
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots").mkdir()
+    (repo / "snapshots" / revision).symlink_to(checkpoint, target_is_directory=True)
+    return root
+
+
+class TestLlavaVideo:
+    """``vllm serve llava-video --plugins stgridpool``: the published LLaVA-Video, in its grid layout."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def server(cls, llava_video_replica, tmp_path_factory):
+        """No redirect file, offline, the replica in the hub cache as the published id."""
+        folder = tmp_path_factory.mktemp("llava_video_server")
+        cache = hf_cache_with(llava_video_replica, "llava-hf/LLaVA-Video-7B-Qwen2-hf", folder / "hub")
+        env = {**NO_REDIRECT, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+        with start_server(
+            "llava-video", *SERVER_ARGS, "--max-model-len", "16384",
+            env=env, log_path=folder / "server.log", timeout=900,
+        ) as running:
+            yield running
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def answer(cls, server, video):
+        return served_answer(ask(server, "llava-video", video))
+
+    def test_the_alias_names_the_published_checkpoint_before_anything_loads(self, server, answer):
+        log = server.log()
+        resolved = log.index("model alias: llava-video -> llava-hf/LLaVA-Video-7B-Qwen2-hf")
+        assert resolved < log.index("Resolved architecture: LlavaOnevisionForConditionalGeneration")
+        assert "models--llava-hf--LLaVA-Video-7B-Qwen2-hf" in log
+
+    def test_64_frames_cost_the_grid_layout(self, answer, llava_video_replica):
+        assert answer["prompt_tokens"] == text_tokens(llava_video_replica) + FRAMES * 13 * (13 + 1)
+
+    def test_same_answer_as_transformers_with_reference_pooling_in_the_grid(self, answer, llava_video_replica, frames):
+        reference = onevision_in_transformers(
+            llava_video_replica, rendered_prompt(llava_video_replica), frames, kernel=2, layout="grid"
+        )
+        assert_same_answer(answer, reference)
+
+    def test_a_request_cannot_switch_layouts(self, server, video, answer):
+        with pytest.raises(openai.BadRequestError, match="video_newline"):
+            ask(server, "llava-video", video, mm_processor_kwargs={"stgridpool": {"video_newline": "video"}})
+
+
+def test_stock_pooling_in_the_grid_layout_matches_transformers(llava_video_replica):
+    """``"enabled": false`` on LLaVA-Video: vLLM's bilinear pooling, LLaVA-Video's layout (the paper's baseline)."""
+    from tests.engine_runner import PROMPT, video
+
+    served = run_engine(
+        llava_video_replica, [[{"frames": 16}]], plugins="stgridpool", hf_overrides={"stgridpool": {"enabled": False}}
+    )[0][0]
+    reference = onevision_in_transformers(llava_video_replica, PROMPT, video(16, seed=0), kernel=None, layout="grid")
+    assert served["prompt_len"] == reference["prompt_tokens"] == text_tokens(llava_video_replica) + 16 * 14 * 15
+    answer = {
+        "prompt_tokens": served["prompt_len"],
+        "tokens": served["tokens"][:NEW_TOKENS],
+        "first_logprobs": {int(token): logprob for token, logprob in served["first_logprobs"].items()},
+    }
+    assert_same_answer(answer, reference)
+
+
+class TestOneVision:
+    """The published LLaVA-OneVision-7B's structure: one newline per video, as vLLM and transformers serve it."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def server(cls, onevision_replica, tmp_path_factory):
+        folder = tmp_path_factory.mktemp("onevision_server")
+        with start_server(
+            onevision_replica, *SERVER_ARGS, "--max-model-len", "16384", "--served-model-name", "llava-onevision",
+            env=NO_REDIRECT, log_path=folder / "server.log", timeout=900,
+        ) as running:
+            yield running
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def answer(cls, server, video):
+        return served_answer(ask(server, "llava-onevision", video))
+
+    def test_64_frames_cost_one_newline_per_video(self, answer, onevision_replica):
+        assert answer["prompt_tokens"] == text_tokens(onevision_replica) + FRAMES * 13 * 13 + 1
+
+    def test_same_answer_as_transformers_with_reference_pooling(self, answer, onevision_replica, frames):
+        reference = onevision_in_transformers(
+            onevision_replica, rendered_prompt(onevision_replica), frames, kernel=2, layout="video"
+        )
+        assert_same_answer(answer, reference)
+
+
+class TestNextVideo:
+    """The published LLaVA-NeXT-Video-7B's structure: CLIP 24 x 24, pooled before the projector, no newline."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def server(cls, next_video_replica, tmp_path_factory):
+        folder = tmp_path_factory.mktemp("next_video_server")
+        with start_server(
+            next_video_replica, *SERVER_ARGS, "--served-model-name", "llava-next-video",
+            env=NO_REDIRECT, log_path=folder / "server.log", timeout=900,
+        ) as running:
+            yield running
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def answer(cls, server, video):
+        return served_answer(ask(server, "llava-next-video", video))
+
+    def test_64_frames_cost_the_formula(self, answer, next_video_replica):
+        assert answer["prompt_tokens"] == text_tokens(next_video_replica) + FRAMES * 12 * 12
+
+    def test_same_answer_as_transformers_with_reference_pooling(self, answer, next_video_replica, frames):
+        reference = next_video_in_transformers(next_video_replica, rendered_prompt(next_video_replica), frames, kernel=2)
+        assert_same_answer(answer, reference)
