@@ -32,6 +32,7 @@ GUARD = Guard(
     "P9",
     "video processor class of LLaVA-NeXT-Video checkpoints",
     (Feature("transformers.models.auto.video_processing_auto", "video_processor_class_from_name"),),
+    any_vllm=True,  # changes transformers only; defect_present() is its condition
 )
 # The name transformers derives from LLaVA-NeXT-Video's image processor.
 DERIVED_NAME = "LlavaNextImageProcessor".replace("ImageProcessor", "VideoProcessor")
