@@ -77,14 +77,16 @@ def test_p3_the_vllm_command_lists_and_exports_plugins():
     assert "--plugins NAMES: load only these vLLM plugins" in done.stdout
 
 
-def test_p4_redirect_comes_before_the_speculators_probe(tmp_path, onevision_checkpoint):
+def test_p4_redirect_comes_before_the_speculators_probe(tmp_path, onevision_checkpoint, monkeypatch):
     """Stock 0.33 still probes the alias itself (the hub, offline here); the wrapper probes the folder."""
     from vllm.transformers_utils.config import maybe_override_with_speculators as stock_probe
+    from vllm.transformers_utils.utils import maybe_model_redirect
 
     redirect = tmp_path / "redirect.json"
     redirect.write_text(json.dumps({"llava-video": str(onevision_checkpoint)}))
-    os.environ["VLLM_MODEL_REDIRECT_PATH"] = str(redirect)
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    monkeypatch.setenv("VLLM_MODEL_REDIRECT_PATH", str(redirect))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    maybe_model_redirect.cache_clear()  # vLLM caches each name's redirect for the process
     try:
         arguments = {"model": "llava-video", "tokenizer": "llava-video", "trust_remote_code": False}
         with pytest.raises(OSError, match="couldn't connect to 'https://huggingface.co'"):
@@ -92,7 +94,7 @@ def test_p4_redirect_comes_before_the_speculators_probe(tmp_path, onevision_chec
         model, tokenizer, speculative = model_redirect.redirect_first(stock_probe)(**arguments)
         assert (model, tokenizer, speculative) == (str(onevision_checkpoint), str(onevision_checkpoint), None)
     finally:
-        del os.environ["VLLM_MODEL_REDIRECT_PATH"], os.environ["HF_HUB_OFFLINE"]
+        maybe_model_redirect.cache_clear()
 
 
 def test_p5_stock_0_33_still_answers_an_unreachable_url_as_a_server_error():
