@@ -1,9 +1,9 @@
 """LLaVA-Video's grid newline layout (``"video_newline": "grid"``), without an engine.
 
-The oracle is LLaVA-NeXT's ``add_token_per_grid`` as its code lays the tokens
-out, rewritten here as plain loops: after pooling, frame after frame, row
-after row, the row's tokens then one ``image_newline``; no newline for the
-video as a whole. Token counts are the formula ``T * h * (w + 1)`` (grid) or
+The oracle is LLaVA-NeXT's ``add_token_per_grid``, written out as plain loops
+in tests/reference_layout.py: after pooling, frame after frame, row after
+row, the row's tokens then one ``image_newline``; no newline for the video
+as a whole. Token counts are the formula ``T * h * (w + 1)`` (grid) or
 ``T * h * w + 1`` (one newline per video) plus the prompt's text tokens from
 the checkpoint's own tokenizer, for the processor vLLM builds from the
 published checkpoint's replica.
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
+from tests.reference_layout import add_token_per_grid
 from tests.reference_stgridpool import st_gridpool_reference
 from vllm_stgridpool.config import STGridPoolConfig, STGridPoolConfigError, STGridPoolSettings
 from vllm_stgridpool.models.llava_onevision import (
@@ -29,16 +30,6 @@ from vllm_stgridpool.models.llava_onevision import place_newlines, video_newline
 
 SIDE = 27  # SigLIP 384 / 14
 PROMPT = "<|im_start|>user\n<video>\nWhat happens in this video?<|im_end|>\n<|im_start|>assistant\n"
-
-
-def add_token_per_grid(frames: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
-    """(T, h, w, D) pooled frames -> the token sequence of LLaVA-NeXT's grid layout."""
-    tokens = []
-    for frame in frames:
-        for row in frame:
-            tokens.extend(row)
-            tokens.append(newline)
-    return torch.stack(tokens)
 
 
 def one_newline_per_video(frames: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:

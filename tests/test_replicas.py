@@ -30,8 +30,8 @@ import pytest
 import torch
 
 from tests.engines import run_engine
+from tests.reference_layout import add_token_per_grid
 from tests.reference_stgridpool import st_gridpool_reference
-from tests.test_grid_layout import add_token_per_grid
 from vllm_stgridpool.launch import start_server
 
 pytestmark = pytest.mark.engine
@@ -272,7 +272,10 @@ def test_stock_pooling_in_the_grid_layout_matches_transformers(llava_video_repli
     from tests.engine_runner import PROMPT, video
 
     served = run_engine(
-        llava_video_replica, [[{"frames": 16}]], plugins="stgridpool", hf_overrides={"stgridpool": {"enabled": False}}
+        llava_video_replica,
+        [[{"frames": 16}]],
+        plugins="stgridpool",
+        hf_overrides={"stgridpool": {"enabled": False, "max_frames": 16}},  # profiles 16 frames, not 64
     )[0][0]
     reference = onevision_in_transformers(llava_video_replica, PROMPT, video(16, seed=0), kernel=None, layout="grid")
     assert served["prompt_len"] == reference["prompt_tokens"] == text_tokens(llava_video_replica) + 16 * 14 * 15
