@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test test-vllm-next bench bench-op bench-decode bench-serve clean
+.PHONY: setup demo test test-vllm-next test-distributed bench bench-op bench-decode bench-serve bench-batch clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,16 @@ $(NEXT_STAMP): pyproject.toml Makefile tests/vllm_next/requirements.txt
 test-vllm-next: $(NEXT_STAMP)
 	$(NEXT_VENV)/bin/python -m pytest -q -m "not engine" tests/vllm_next tests/test_compat.py tests/test_video_loader.py tests/test_models.py
 
+# vLLM data parallelism and Ray (several engines and a Ray cluster at once), kept out of `make test`.
+RAY_STAMP := $(VENV)/.ray-done
+
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[ray]'
+	touch $@
+
+test-distributed: $(RAY_STAMP)
+	STGRIDPOOL_TEST_DISTRIBUTED=1 $(BIN)/python -m pytest -q tests/test_distributed.py
+
 bench-op: setup
 	$(BIN)/python benchmarks/op_bench.py
 
@@ -55,7 +65,10 @@ bench-decode: setup
 bench-serve: setup
 	$(BIN)/python benchmarks/serve_bench.py
 
-bench: bench-op bench-decode bench-serve
+bench-batch: setup
+	$(BIN)/python benchmarks/batch_bench.py
+
+bench: bench-op bench-decode bench-serve bench-batch
 
 clean:
 	rm -rf $(VENV) $(NEXT_VENV) artifacts .pytest_cache
