@@ -1,26 +1,32 @@
-"""The ST-GridPool stage: moves values along a precomputed :class:`~vllm_stgridpool.plan.Plan`.
+"""The ST-GridPool stage: runs a precomputed :class:`~vllm_stgridpool.plan.Plan`.
 
 Every shape, frame index and tile position comes from the plan as a Python
 int, so this module does no host-device synchronisation, runs on the
-``meta`` device and compiles with ``torch.compile(fullgraph=True)``. Two
-choices keep its cost down (it is memory-bound, like the stock pooling):
+``meta`` device and compiles with ``torch.compile(fullgraph=True)``. The
+stage is memory-bound, like the stock pooling it replaces, so it is one
+sweep over the frames: a few frames at a time are pooled (the norm pass and
+the weighted sum find them in cache) and the frames the pyramid samples are
+resized into mosaic tiles; mosaics live in a few reused buffers, and only
+frames whose final value is their own are pooled from the input. The input
+is never copied whole nor modified.
 
-- PTG reads the frames a level samples through strided views where it can,
-  and builds all of a level's mosaics with one resize and one tiling copy;
-  the input is never copied whole (nor modified).
-- NSP pools every input frame once, then overwrites the few frames whose
-  final value is a mosaic with the pooled mosaics.
+Numerics, the same on every device and for every value the config accepts:
+sums run in at least float32 (PyTorch's reductions and area pooling
+accumulate there); a token's score is its p-norm over ``D ** (1/p)``, and the
+softmax sees ``temperature * (score - reference)`` with the window's largest
+(``temperature >= 0``) or smallest score as reference, so every logit is
+<= 0 and the reference token's is exactly 0. Finite features give finite
+outputs: a norm or area sum beyond the accumulator's range saturates at the
+dtype's largest value (it never turns into inf or NaN).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from vllm_stgridpool.config import STGridPoolConfig
-from vllm_stgridpool.plan import INPUT, Plan, make_plan
+from vllm_stgridpool.plan import Complete, Plan, PoolFrames, PoolMosaics, Resize, chunk_frames, make_plan
 
 __all__ = ["st_gridpool", "apply_plan", "norm_pool"]
 
@@ -34,158 +40,163 @@ def st_gridpool(x: torch.Tensor, config: STGridPoolConfig | None = None) -> torc
     _check_features(x, config)
     batched = x.dim() == 5
     videos = x if batched else x.unsqueeze(0)
-    _, num_frames, height, width, _ = videos.shape
-    plan = _constant_plan(num_frames, height, width, config)
+    _, num_frames, height, width, dim = videos.shape
+    # Eager: a few frames per segment, so each segment's passes find it in cache.
+    # Compiled: one segment, so the graph stays small (the compiler fuses the passes).
+    eager = not torch.compiler.is_compiling()
+    chunk = chunk_frames(height, width, dim, videos.element_size()) if eager else num_frames
+    plan = _constant_plan(num_frames, height, width, config, chunk)
     out = apply_plan(videos, plan, config.temperature, config.norm_p)
     return out if batched else out.squeeze(0)
 
 
 @torch.compiler.assume_constant_result
-def _constant_plan(num_frames: int, height: int, width: int, config: STGridPoolConfig) -> Plan:
+def _constant_plan(num_frames: int, height: int, width: int, config: STGridPoolConfig, chunk: int) -> Plan:
     """The plan, seen by ``torch.compile`` as a constant (it depends on shapes and config only)."""
-    return make_plan(num_frames, height, width, config)
+    return make_plan(num_frames, height, width, config, chunk)
 
 
 def apply_plan(videos: torch.Tensor, plan: Plan, temperature: float, norm_p: float) -> torch.Tensor:
-    """Run PTG then NSP on ``videos`` (B, T, H, W, D) following ``plan``."""
-    out = norm_pool(videos, plan.kernel_size, temperature, norm_p)
-    if not plan.levels:
-        return out
-    stores = _build_mosaics(videos, plan)
-    final = _read(stores, plan.final_reads, videos.device)
-    pooled = norm_pool(final, plan.kernel_size, temperature, norm_p)
-    return out.index_copy_(1, _index(plan.replaced, videos.device), pooled)
+    """Run PTG then NSP on ``videos`` (B, T, H, W, D) following ``plan``'s steps, one video after another."""
+    batch, num_frames, height, width, dim = videos.shape
+    out = videos.new_empty(batch, num_frames, *plan.out_grid, dim)
+    pool = dict(kernel_size=plan.kernel_size, temperature=temperature, norm_p=norm_p)
+    free: list[torch.Tensor] = []  # buffers of consumed mosaics, reused for later ones
+    for frames, pooled in zip(videos.unbind(0), out.unbind(0)):
+        mosaics: dict[int, torch.Tensor] = {}  # (H, W, D) buffer of each mosaic being built or read
+        for step in plan.steps:
+            if isinstance(step, PoolFrames):
+                _norm_pool_into(frames[step.start : step.stop], pooled[step.start : step.stop], **pool)
+            elif isinstance(step, Resize):
+                for place in (place for places in step.places for place in places):
+                    if place.mosaic not in mosaics:  # its first tile: take a buffer
+                        mosaics[place.mosaic] = free.pop() if free else frames.new_empty(height, width, dim)
+                _resize_into(frames if step.from_input else mosaics, step, mosaics)
+            elif isinstance(step, Complete):
+                _saturate(mosaics[step.mosaic])
+            elif isinstance(step, PoolMosaics) and len(step.mosaics) == 1:
+                _norm_pool_into(mosaics[step.mosaics[0]], pooled[step.frames[0]], **pool)
+            elif isinstance(step, PoolMosaics):
+                _put(pooled, step.frames, norm_pool(torch.stack([mosaics[m] for m in step.mosaics]), **pool))
+            else:
+                free.extend(mosaics.pop(mosaic) for mosaic in step.mosaics)
+    return out
 
 
-def _build_mosaics(videos: torch.Tensor, plan: Plan) -> dict[int, torch.Tensor]:
-    """The frame stores: the input (``INPUT``) and each level's (B, chunks, H, W, D) mosaics.
-
-    A level reads the frames it samples as they were before it wrote
-    anything (neither the input nor an earlier level's mosaics is ever
-    modified), resizes each store's share in one call, and tiles all of its
-    mosaics in one copy: a handful of large kernels rather than many small ones.
-    """
-    batch, _, height, width, dim = videos.shape
-    stores = {INPUT: videos}
-    for number, level in enumerate(plan.levels):
-        tile_h, tile_w = level.tile
-        parts = [
-            _resize(_take(stores[store], rows, videos.device), tile_h, tile_w)
-            for store, rows in level.reads
-        ]
-        tiles = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        if level.order is not None:
-            tiles = tiles.index_select(1, _index(level.order, videos.device))
-        grid = tiles.reshape(batch, level.chunks, level.rows, level.cols, tile_h, tile_w, dim)
-        mosaics = grid.permute(0, 1, 2, 4, 3, 5, 6).reshape(
-            batch, level.chunks, level.rows * tile_h, level.cols * tile_w, dim
-        )
-        stores[number] = mosaics[:, :, :height, :width]
-    return stores
-
-
-def _read(stores: dict[int, torch.Tensor], reads, device: torch.device) -> torch.Tensor:
-    parts = [_take(stores[store], rows, device) for store, rows in reads]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def _take(frames: torch.Tensor, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``frames[:, rows]``: a strided slice when the rows are evenly spaced (the usual case), else a gather."""
-    step = rows[1] - rows[0] if len(rows) > 1 else 1
-    if step > 0 and all(b - a == step for a, b in zip(rows, rows[1:])):
-        return frames[:, rows[0] : rows[-1] + 1 : step]
-    return frames.index_select(1, _index(rows, device))
-
-
-def _resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, N, H, W, D) -> (B, N, h, w, D) by area interpolation.
+def _resize_into(frames, step: Resize, mosaics: dict[int, torch.Tensor]) -> None:
+    """Area-resize ``step``'s source frames (rows of a tensor, or mosaics) and copy each tile into its places.
 
     Tiles are never larger than the frame, so the spec's "area when
     shrinking, else bilinear" is area or nothing (bilinear to the same size
-    is the identity). Area interpolation is adaptive average pooling, a
-    linear map per axis, applied as two matrix products: they read strided
-    frames in place, where ``F.interpolate`` would first copy them. CPUs
-    without native bfloat16/float16 matrix units run those products slower
-    than the copy, so reduced precision on the CPU takes ``F.interpolate``,
-    and so does ``torch.compile``, which fuses the copy away.
+    is the identity). Area interpolation is adaptive average pooling, which
+    sums in float32 and rounds once to the input dtype on every device. On
+    one frame viewed channels-last PyTorch reads the frame in place, so eager
+    mode resizes frame by frame; compiled code resizes them in one kernel.
     """
-    batch, count, in_h, in_w, dim = frames.shape
-    if (in_h, in_w) == (height, width):
-        return frames
-    slow_matmul = frames.device.type == "cpu" and frames.dtype not in (torch.float32, torch.float64)
-    if slow_matmul or torch.compiler.is_compiling():
-        flat = frames.reshape(batch * count, in_h, in_w, dim).permute(0, 3, 1, 2)  # channels-last view
-        resized = F.interpolate(flat, size=(height, width), mode="area").permute(0, 2, 3, 1)
-        return resized.reshape(batch, count, height, width, dim)
-    rows = _area_matrix(in_h, height, frames.dtype, frames.device)
-    cols = _area_matrix(in_w, width, frames.dtype, frames.device)
-    pooled_rows = torch.matmul(rows, frames.flatten(-2)).unflatten(-1, (in_w, dim))
-    return torch.matmul(cols, pooled_rows)
+    rows, size = step.sources, step.size
+    if isinstance(frames, torch.Tensor) and torch.compiler.is_compiling() and len(rows) > 1:
+        batch = _take(frames, rows)
+        tiles = list(batch.unbind(0) if tuple(batch.shape[1:3]) == size else _area(batch, size).unbind(0))
+    else:
+        tiles = [frames[row] for row in rows]
+        tiles = [t if tuple(t.shape[:2]) == size else _area(t.unsqueeze(0), size)[0] for t in tiles]
+    for tile, places in zip(tiles, step.places):
+        for p in places:
+            mosaics[p.mosaic][p.top : p.top + p.rows, p.left : p.left + p.cols].copy_(tile[: p.rows, : p.cols])
 
 
-def _area_matrix(size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return _constant(_area_rows(size, out_size), dtype, device)
+def _area(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W, D) -> (N, h, w, D) by adaptive average pooling."""
+    # (N, D, H, W) with D innermost: PyTorch's channels-last layout, pooled without a copy
+    # when the frames are contiguous (one frame always is).
+    return F.adaptive_avg_pool2d(frames.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)
 
 
-@functools.lru_cache(maxsize=256)
-def _area_rows(size: int, out_size: int) -> tuple[tuple[float, ...], ...]:
-    """(out_size, size) matrix of adaptive average pooling: row i averages [floor(i*n/m), ceil((i+1)*n/m))."""
-    rows = []
-    for i in range(out_size):
-        start, end = (i * size) // out_size, -(-(i + 1) * size // out_size)
-        rows.append(tuple(1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)))
-    return tuple(rows)
+def _saturate(mosaic: torch.Tensor) -> None:
+    """Make a mosaic finite in place: an area sum beyond the accumulator's range saturates.
 
-
-def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return _constant(values, torch.int64, device)
-
-
-_CONSTANTS: dict[tuple, torch.Tensor] = {}
-
-
-def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` (a plan-derived tuple) as a tensor on ``device``.
-
-    Cached in eager mode so that steady-state calls copy nothing from the
-    host; under ``torch.compile`` it becomes a graph constant.
+    Only features within 1/(window area) of the dtype's largest value
+    overflow a window sum (27 -> 14 windows hold up to 9 tokens): the sum
+    becomes +-inf, or NaN where overflows of both signs meet. Those become
+    the dtype's largest value (with the sign) and 0; every other value is
+    untouched.
     """
-    if torch.compiler.is_compiling():
-        return torch.tensor(values, dtype=dtype, device=device)
-    key = (values, dtype, device)
-    tensor = _CONSTANTS.get(key)
-    if tensor is None:
-        if len(_CONSTANTS) >= 4096:
-            _CONSTANTS.clear()
-        tensor = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
-    return tensor
+    limit = torch.finfo(mosaic.dtype).max
+    torch.nan_to_num_(mosaic, nan=0.0, posinf=limit, neginf=-limit)
+
+
+def _take(frames: torch.Tensor, rows: tuple[int, ...]) -> torch.Tensor:
+    """``frames[rows]``: a strided view when the rows are evenly spaced, else a gather."""
+    step = rows[1] - rows[0] if len(rows) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(rows, rows[1:])):
+        return frames[rows[0] : rows[-1] + 1 : step]
+    return frames.index_select(0, torch.tensor(rows, device=frames.device))
+
+
+def _put(out: torch.Tensor, rows: tuple[int, ...], values: torch.Tensor) -> None:
+    """``out[rows] = values``."""
+    step = rows[1] - rows[0] if len(rows) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(rows, rows[1:])):
+        out[rows[0] : rows[-1] + 1 : step].copy_(values)
+    else:
+        out.index_copy_(0, torch.tensor(rows, device=out.device), values)
 
 
 def norm_pool(x: torch.Tensor, kernel_size: int, temperature: float, norm_p: float) -> torch.Tensor:
-    """NSP: each k x k window (stride k, floor) -> one token, softmax(temperature * norm score) weighted.
-
-    ``x`` is (..., H, W, D). The softmax runs in at least float32. For bfloat16
-    and float16 inputs the norms are reduced by PyTorch with float accumulation
-    and the weighted sum runs in the input dtype: converting the features
-    themselves to float32 would cost more than the whole stock pooling.
-    """
-    k = kernel_size
+    """NSP: each k x k window (stride k, floor) of (..., H, W, D) ``x`` -> one softmax-weighted token."""
     height, width, dim = x.shape[-3:]
-    out_h, out_w = (height - k) // k + 1, (width - k) // k + 1
+    k = kernel_size
+    out = x.new_empty(*x.shape[:-3], (height - k) // k + 1, (width - k) // k + 1, dim)
+    _norm_pool_into(x, out, k, temperature, norm_p)
+    return out
+
+
+def _norm_pool_into(
+    x: torch.Tensor, out: torch.Tensor, kernel_size: int, temperature: float, norm_p: float
+) -> None:
+    """NSP of ``x`` (..., H, W, D) written into ``out`` (..., H', W', D)."""
+    k = kernel_size
+    out_h, out_w = out.shape[-3], out.shape[-2]
     x = x[..., : out_h * k, : out_w * k, :]
-    weight_dtype = torch.promote_types(x.dtype, torch.float32)
-    score = torch.linalg.vector_norm(x, ord=norm_p, dim=-1).to(weight_dtype)
-    score = score * (temperature / float(dim) ** (1.0 / norm_p))
+    score = _scores(x, norm_p)
     lead = score.shape[:-2]
-    windows = score.reshape(*lead, out_h, k, out_w, k).transpose(-3, -2)
-    weights = torch.softmax(windows.reshape(*lead, out_h, out_w, k * k), dim=-1).to(x.dtype)
-    # One strided view per window offset, accumulated in place: no k*k-sized
-    # intermediate is ever allocated.
-    out = x[..., 0::k, 0::k, :] * weights[..., 0, None]
+    windows = score.reshape(*lead, out_h, k, out_w, k).transpose(-3, -2).reshape(*lead, out_h, out_w, k * k)
+    reference = windows.amax(-1, keepdim=True) if temperature >= 0 else windows.amin(-1, keepdim=True)
+    logits = (windows - reference).mul_(temperature)  # <= 0 (or -inf), 0 at the reference
+    weights = torch.softmax(logits, dim=-1).to(x.dtype)
+    # One strided view per window offset, accumulated in place into ``out``.
+    torch.mul(x[..., 0::k, 0::k, :], weights[..., 0, None], out=out)
     for j in range(1, k * k):
         a, b = divmod(j, k)
-        out = out.addcmul_(x[..., a::k, b::k, :], weights[..., j, None])
-    return out
+        out.addcmul_(x[..., a::k, b::k, :], weights[..., j, None])
+    limit = torch.finfo(out.dtype).max
+    out.clamp_(-limit, limit)  # weights may sum to 1 + a few ulps: a window at the dtype's max stays finite
+
+
+def _scores(x: torch.Tensor, norm_p: float) -> torch.Tensor:
+    """Each token's ``||x||_p / D ** (1/p)`` in at least float32, finite and >= 0 for finite ``x``.
+
+    p = 1 and p = 2 take one pass: the plain norm, accumulated in float32
+    (float64 for float64 input) and saturating at the input dtype's largest
+    value, which only norms beyond it (1.8e19 for float32 and bfloat16
+    sums of squares, 65504 for float16) ever reach. Other p raise the features
+    to the power p, which would overflow or underflow for ordinary values,
+    so they scale each token by its largest |x_i| first:
+    ``a * mean(|x / a| ** p) ** (1/p)`` with every term in [0, 1].
+    """
+    dim = x.shape[-1]
+    compute = torch.promote_types(x.dtype, torch.float32)
+    if norm_p in (1.0, 2.0):
+        norm = torch.linalg.vector_norm(x, ord=norm_p, dim=-1).to(compute)
+        return norm.clamp_(max=torch.finfo(x.dtype).max).mul_(dim ** (-1.0 / norm_p))
+    largest = torch.maximum(x.amax(-1), x.amin(-1).neg()).to(compute)
+    scale = largest.clamp_(min=torch.finfo(compute).tiny)
+    unit = x.to(compute, copy=True).div_(scale[..., None])  # |unit| <= 1
+    if norm_p >= 1:  # sum of |unit| ** p is in [1, D]: its p-th root cannot overflow
+        mean_norm = torch.linalg.vector_norm(unit, ord=norm_p, dim=-1).mul_(dim ** (-1.0 / norm_p))
+    else:  # D ** (1/p) can overflow: take the mean, in [1/D, 1], before the root
+        mean_norm = unit.abs_().pow_(norm_p).mean(-1).pow_(1.0 / norm_p)
+    return mean_norm.mul_(scale)
 
 
 def _check_features(x: torch.Tensor, config: STGridPoolConfig) -> None:

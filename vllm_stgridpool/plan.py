@@ -4,11 +4,17 @@ Which frames each pyramid level samples, how its mosaics are laid out, which
 frames they replace and the output grid are functions of (T, H, W) and the
 config alone. Computing them once on the host (and caching them) is what
 lets the stage run with static shapes and no host-device synchronisation,
-and lets the vLLM processor know the token count before the model runs.
+and lets the vLLM processor know the token count (and the stage's cost,
+:func:`stage_cost`) before the model runs.
 
-Frames live in "stores": store -1 is the input video, store ``l`` holds the
-mosaics built by level ``l`` (in chunk order). Every read the stage makes
-is a (store, rows) pair.
+The plan is a short program the stage runs in order, one sweep over the
+frames. A mosaic's buffer is taken at its first tile and handed on once the
+mosaic is complete, fed to the levels above and pooled if it is a frame's
+final value, so the stage holds a few mosaics at a time whatever the
+video's length. At frame ``t`` the pyramid levels run in order: a level that samples ``t``
+reads the frame's current value (the input, or the mosaic a lower level
+completed at ``t``), which is exactly the spec's "snapshot before the level
+writes", because a mosaic only ever replaces its own last sampled frame.
 """
 
 from __future__ import annotations
@@ -16,44 +22,93 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple, Union
 
 import torch
 
 from vllm_stgridpool.config import STGridPoolConfig
 
-INPUT = -1  # the store holding the input frames
+INPUT = -1  # a step's source: the input frames (else a slot number)
 
-Reads = tuple[tuple[int, tuple[int, ...]], ...]  # ((store, rows), ...)
+# Frames pooled per step: the features of a step stay in the CPU's cache
+# between its passes (norm, weighted sum, and the resizes of the same frames).
+CHUNK_BYTES = 8 << 20
+
+
+class Place(NamedTuple):
+    """Where a tile lands: ``mosaic[top : top + rows, left : left + cols]`` (the crop to H x W applied)."""
+
+    mosaic: int
+    top: int
+    left: int
+    rows: int
+    cols: int
+
+
+class Resize(NamedTuple):
+    """Resize frames to ``size``; the tile of ``sources[i]`` becomes each place of ``places[i]``.
+
+    ``sources`` are input frames when ``from_input``, else mosaics.
+    """
+
+    from_input: bool
+    sources: tuple[int, ...]
+    size: tuple[int, int]
+    places: tuple[tuple[Place, ...], ...]
+
+
+class Complete(NamedTuple):
+    """All tiles of ``mosaic`` are in place: it may now be read."""
+
+    mosaic: int
+
+
+class PoolFrames(NamedTuple):
+    """NSP of input frames ``start .. stop - 1`` into the same output frames."""
+
+    start: int
+    stop: int
+
+
+class PoolMosaics(NamedTuple):
+    """``mosaics`` are the final values of ``frames``: NSP them there."""
+
+    mosaics: tuple[int, ...]
+    frames: tuple[int, ...]
+
+
+class Drop(NamedTuple):
+    """``mosaics`` have been consumed: their buffers may hold later mosaics."""
+
+    mosaics: tuple[int, ...]
+
+
+Step = Union[Resize, Complete, PoolFrames, PoolMosaics, Drop]
 
 
 @dataclass(frozen=True)
 class LevelPlan:
-    """One PTG level: ``chunks`` mosaics of ``grid`` frames each.
-
-    Plain fields only, so ``torch.compile`` reads them as constants.
-    """
+    """One PTG level: ``len(targets)`` mosaics of ``rows * cols`` frames, each ``tile`` = (h, w)."""
 
     rows: int
     cols: int
-    tile: tuple[int, int]  # (h, w) each frame is resized to
-    reads: Reads  # the used sampled frames, grouped by store, as they were before this level
-    order: tuple[int, ...] | None  # puts the grouped reads back in chunk order (None: already)
-    targets: tuple[int, ...]  # frame replaced by each mosaic
-    chunks: int
+    tile: tuple[int, int]
+    frames: tuple[int, ...]  # the sampled frames it uses, chunk after chunk
+    targets: tuple[int, ...]  # the frame each mosaic replaces
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The full static plan for one (T, H, W) and config."""
+    """The full static plan for one (T, H, W) and config. Plain fields: constants to ``torch.compile``."""
 
     num_frames: int
     height: int
     width: int
     kernel_size: int
-    levels: tuple[LevelPlan, ...]  # only the levels that build at least one mosaic
-    final_reads: Reads  # the mosaics that are some frame's final value, grouped by level
-    replaced: tuple[int, ...]  # the frames they replace, in the same order
     out_grid: tuple[int, int]
+    levels: tuple[LevelPlan, ...]  # only the levels that build at least one mosaic
+    replaced: tuple[int, ...]  # frames whose final value is a mosaic
+    steps: tuple[Step, ...]
 
 
 def sample_indices(num_frames: int, stride: int) -> tuple[int, ...]:
@@ -74,68 +129,218 @@ def mosaic_layout(grid: int) -> tuple[int, int]:
     return max(best), min(best)
 
 
+def chunk_frames(height: int, width: int, dim: int, itemsize: int) -> int:
+    """Frames per pooling step: about :data:`CHUNK_BYTES` of one video's features, at least one."""
+    return max(1, CHUNK_BYTES // max(1, height * width * dim * itemsize))
+
+
 @functools.lru_cache(maxsize=1024)
-def make_plan(num_frames: int, height: int, width: int, config: STGridPoolConfig) -> Plan:
-    """Plan ST-GridPool for a (num_frames, height, width) video; cached per shape and config."""
+def make_plan(
+    num_frames: int, height: int, width: int, config: STGridPoolConfig, chunk: int = 1 << 30
+) -> Plan:
+    """Plan ST-GridPool for a (num_frames, height, width) video, ``chunk`` frames per segment; cached.
+
+    Per segment of frames: pool the frames that stay input frames (a single
+    segment, as compiled code uses, pools them all in one step), resize
+    the segment's sampled input frames into their mosaics' tiles, then, frame
+    by frame, feed each completed mosaic to the levels above, and last pool
+    the mosaics that are final values. Slots are taken in this order and
+    released once their mosaic is consumed, so they never clash.
+    """
     out_grid = config.output_grid(height, width)
-    current = [(INPUT, t) for t in range(num_frames)]  # where each frame's value lives now
-    levels = []
+    levels, mosaic_level, uses = _levels(num_frames, height, width, config)
+
+    def is_last(mosaic: int, j: int) -> bool:
+        level = levels[mosaic_level[mosaic]]
+        return j == level.rows * level.cols - 1
+
+    # Each frame's value as the levels run in order; it is the source of the next level's tile.
+    sources: list[list[tuple[int, int, int]]] = [[] for _ in range(num_frames)]  # (source, mosaic, j)
+    final = [INPUT] * num_frames
+    for frame, frame_uses in enumerate(uses):
+        value = INPUT
+        for mosaic, j in frame_uses:
+            sources[frame].append((value, mosaic, j))
+            if is_last(mosaic, j):
+                value = mosaic  # the mosaic replaces this frame from the next level on
+        final[frame] = value
+
+    def places(frame: int, from_input: bool) -> dict[tuple[int, tuple[int, int]], list[Place]]:
+        """This frame's tiles taken from the input (or from mosaics), by (source, tile size)."""
+        groups: dict[tuple[int, tuple[int, int]], list[Place]] = {}
+        for source, mosaic, j in sources[frame]:
+            level = levels[mosaic_level[mosaic]]
+            top, left = (j // level.cols) * level.tile[0], (j % level.cols) * level.tile[1]
+            if (source == INPUT) != from_input or top >= height or left >= width:
+                continue  # the other kind, or a tile that falls outside the crop
+            place = Place(mosaic, top, left, min(level.tile[0], height - top), min(level.tile[1], width - left))
+            groups.setdefault((source, level.tile), []).append(place)
+        return groups
+
+    steps: list[Step] = []
+    for start in range(0, num_frames, chunk):
+        stop = min(num_frames, start + chunk)
+        steps.extend(PoolFrames(a, b) for a, b in _input_runs(final, start, stop))
+        by_size: dict[tuple[int, int], tuple[list[int], list[tuple[Place, ...]]]] = {}
+        for frame in range(start, stop):
+            for (_, size), frame_places in places(frame, from_input=True).items():
+                frames, per_frame = by_size.setdefault(size, ([], []))
+                frames.append(frame)
+                per_frame.append(tuple(frame_places))
+        for size, (frames, per_frame) in by_size.items():
+            steps.append(Resize(True, tuple(frames), size, tuple(per_frame)))
+        finals: list[tuple[int, int]] = []
+        for frame in range(start, stop):
+            # In level order: each mosaic completed here is complete before the levels above read it.
+            mosaic_places = places(frame, from_input=False)
+            for source, mosaic, j in sources[frame]:
+                key = (source, levels[mosaic_level[mosaic]].tile)
+                if key in mosaic_places:
+                    steps.append(Resize(False, (source,), key[1], (tuple(mosaic_places.pop(key)),)))
+                if is_last(mosaic, j):
+                    steps.append(Complete(mosaic))
+            dead = [m for _, m, j in sources[frame] if is_last(m, j) and m != final[frame]]
+            if dead:
+                steps.append(Drop(tuple(dead)))  # fed to the levels above: no longer needed
+            if final[frame] != INPUT:
+                finals.append((final[frame], frame))
+        if finals:
+            steps.append(PoolMosaics(tuple(m for m, _ in finals), tuple(f for _, f in finals)))
+            steps.append(Drop(tuple(m for m, _ in finals)))
+    return Plan(
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        kernel_size=config.kernel_size,
+        out_grid=out_grid,
+        levels=tuple(levels),
+        replaced=tuple(t for t in range(num_frames) if final[t] != INPUT),
+        steps=tuple(steps),
+    )
+
+
+def _input_runs(final: list[int], start: int, stop: int) -> list[tuple[int, int]]:
+    """Runs of frames in [start, stop) whose final value is the input frame, as (first, stop) pairs.
+
+    A segment that is the whole video is one run: compiled code pools every
+    frame in one fused pass and the mosaics overwrite their frames after.
+    """
+    if start == 0 and stop == len(final):
+        return [(0, stop)]
+    runs, run = [], start
+    for frame in range(start, stop + 1):
+        if frame == stop or final[frame] != INPUT:
+            if frame > run:
+                runs.append((run, frame))
+            run = frame + 1
+    return runs
+
+
+def _levels(num_frames: int, height: int, width: int, config: STGridPoolConfig):
+    """The levels that build mosaics; each mosaic's level; per frame its (mosaic, position) uses in level order."""
+    levels: list[LevelPlan] = []
+    mosaic_level: list[int] = []
+    uses: list[list[tuple[int, int]]] = [[] for _ in range(num_frames)]
     for grid, stride in config.levels:
         sampled = sample_indices(num_frames, stride)
         chunks = len(sampled) // grid
         if chunks == 0:
             continue
         used = sampled[: chunks * grid]
-        reads, order = _group_reads([current[i] for i in used])  # snapshot before this level writes
         rows, cols = mosaic_layout(grid)
+        for c in range(chunks):
+            mosaic = len(mosaic_level)
+            mosaic_level.append(len(levels))
+            for j, frame in enumerate(used[c * grid : (c + 1) * grid]):
+                uses[frame].append((mosaic, j))
         targets = tuple(used[(c + 1) * grid - 1] for c in range(chunks))
-        level_store = len(levels)
-        levels.append(
-            LevelPlan(
-                rows=rows,
-                cols=cols,
-                tile=(math.ceil(height / rows), math.ceil(width / cols)),
-                reads=reads,
-                order=order,
-                targets=targets,
-                chunks=chunks,
-            )
-        )
-        for c, target in enumerate(targets):
-            current[target] = (level_store, c)
-    replaced = [t for t, (store, _) in enumerate(current) if store != INPUT]
-    final_reads, order = _group_reads([current[t] for t in replaced])
-    if order is not None:
-        replaced = [replaced[i] for i in _inverse(order)]
-    return Plan(
-        num_frames=num_frames,
-        height=height,
-        width=width,
-        kernel_size=config.kernel_size,
-        levels=tuple(levels),
-        final_reads=final_reads,
-        replaced=tuple(replaced),
-        out_grid=out_grid,
-    )
+        tile = (math.ceil(height / rows), math.ceil(width / cols))
+        levels.append(LevelPlan(rows=rows, cols=cols, tile=tile, frames=used, targets=targets))
+    return levels, mosaic_level, uses
 
 
-def _group_reads(sources: list[tuple[int, int]]) -> tuple[Reads, tuple[int, ...] | None]:
-    """Group (store, row) reads by store; ``order[i]`` is where read ``i`` lands in the grouping."""
-    stores = sorted({store for store, _ in sources})
-    reads = tuple((store, tuple(row for s, row in sources if s == store)) for store in stores)
-    position, offset = {}, 0
-    for store, rows in reads:
-        position[store], offset = offset, offset + len(rows)
-    order = []
-    for store, _ in sources:
-        order.append(position[store])
-        position[store] += 1
-    identity = all(i == j for i, j in enumerate(order))
-    return reads, None if identity else tuple(order)
+# --------------------------------------------------------------------------
+# What the stage costs, from the same program the stage runs
+# --------------------------------------------------------------------------
 
 
-def _inverse(order: tuple[int, ...]) -> list[int]:
-    inverse = [0] * len(order)
-    for i, j in enumerate(order):
-        inverse[j] = i
-    return inverse
+class StageCost(NamedTuple):
+    """One video's stage: the most memory it holds at once beyond its input, and the elements it moves.
+
+    ``peak_bytes`` counts the pooled output, the mosaic buffers and the
+    largest temporaries of any one step (what ``ops.py`` allocates);
+    ``work`` counts the elements the stage moves through memory: whole
+    frames read by each pass (norm, weighted sum, resize) and every element
+    written (output, tiles, mosaics); the weighted sum's accumulation into
+    the output it is writing is not counted again.
+    """
+
+    peak_bytes: int
+    work: int
+
+
+@functools.lru_cache(maxsize=1024)
+def stage_cost(
+    num_frames: int, height: int, width: int, dim: int, config: STGridPoolConfig, itemsize: int
+) -> StageCost:
+    """Upper bounds of :func:`vllm_stgridpool.st_gridpool` on one (num_frames, height, width, dim) video.
+
+    Both grow with the pyramid's density (more levels, smaller strides, more
+    tiles) and shrink with the kernel, so a server can refuse per-request
+    settings that cost more than its own setting at ``max_frames``.
+    ``itemsize`` is the features' bytes per element (4 for float32). This is
+    the eager stage, as vLLM runs it; under ``torch.compile`` the whole video
+    is one segment and every mosaic is held at once.
+    """
+    plan = make_plan(num_frames, height, width, config, chunk_frames(height, width, dim, itemsize))
+    return _plan_cost(plan, dim, itemsize, config.norm_p)
+
+
+def _plan_cost(plan: Plan, dim: int, itemsize: int, norm_p: float) -> StageCost:
+    """Bytes held and elements moved by ``ops.apply_plan`` for one video, step by step."""
+    k = plan.kernel_size
+    out_h, out_w = plan.out_grid
+    frame = plan.height * plan.width * dim
+    pooled_in = out_h * k * out_w * k * dim  # elements NSP reads per frame
+    pooled_out = out_h * out_w * dim
+    compute = max(itemsize, 4)  # scores and weights are at least float32
+    scaled = norm_p not in (1.0, 2.0)  # ops._scores: a float copy of the features, scaled per token
+
+    def pool(frames: int, gathered: bool) -> tuple[int, int]:
+        tokens = frames * out_h * k * out_w * k
+        temp = 8 * tokens * compute + (tokens * dim * compute if scaled else 0)
+        moved = frames * (2 * frame + pooled_out)  # the norm pass and the weighted sum read, the output written
+        if scaled:
+            moved += 4 * frames * frame  # max, min, the scaled copy written and read
+        if gathered:  # several mosaics: stacked, pooled aside, then copied into the output
+            temp += frames * (frame + pooled_out) * itemsize
+            moved += 2 * frames * (frame + pooled_out)
+        return temp, moved
+
+    live: set[int] = set()  # mosaics holding a buffer
+    buffers = peak = work = 0
+    for step in plan.steps:
+        temp = 0
+        if isinstance(step, PoolFrames):
+            temp, moved = pool(step.stop - step.start, gathered=False)
+        elif isinstance(step, PoolMosaics):
+            temp, moved = pool(len(step.mosaics), gathered=len(step.mosaics) > 1)
+        elif isinstance(step, Resize):
+            tile = step.size[0] * step.size[1] * dim
+            temp = len(step.sources) * tile * itemsize  # the tiles (compiled code makes them all at once)
+            moved = len(step.sources) * (frame + tile)
+            for places in step.places:
+                for place in places:
+                    live.add(place.mosaic)
+                    moved += 2 * place.rows * place.cols * dim  # copied into the mosaic
+        elif isinstance(step, Complete):
+            moved = 2 * frame  # clamped
+        else:
+            moved = 0
+            live.difference_update(step.mosaics)
+        buffers = max(buffers, len(live))  # a dropped mosaic's buffer is reused, never freed early
+        peak, work = max(peak, temp), work + moved
+    output = plan.num_frames * pooled_out * itemsize
+    slack = frame * itemsize  # small temporaries (scores, weights, views' bookkeeping) not counted above
+    return StageCost(peak_bytes=output + buffers * frame * itemsize + peak + slack, work=work)
+
