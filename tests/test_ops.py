@@ -11,6 +11,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -24,6 +27,7 @@ from reference_stgridpool import (  # noqa: E402
 )
 
 from vllm_stgridpool import STGridPoolConfig, st_gridpool  # noqa: E402
+from vllm_stgridpool import plan as plan_module  # noqa: E402
 
 P_VALUES = (0.5, 1.0, 2.0, 3.0, 2.5)
 
@@ -128,6 +132,7 @@ def test_matches_reference(case):
 )
 def test_sample_indices(T, s, expected):
     assert sample_indices(T, s) == expected
+    assert list(plan_module.sample_indices(T, s)) == expected
 
 
 @pytest.mark.parametrize(
@@ -136,28 +141,39 @@ def test_sample_indices(T, s, expected):
 )
 def test_mosaic_layout(g, layout):
     assert mosaic_layout(g) == layout
+    assert plan_module.mosaic_layout(g) == layout
+
+
+def mosaic_of(frames: list[torch.Tensor], grid: int) -> torch.Tensor:
+    """The stage's own mosaic of ``frames``: one level (stride 1) over exactly ``grid`` frames, NSP as identity."""
+    cfg = make_config((grid,), (1,), kernel_size=1)
+    return st_gridpool(torch.stack(frames), cfg)[grid - 1]
 
 
 def test_mosaic_placement_row_major():
-    """Frame j sits at tile row j // cols, tile column j % cols."""
+    """Frame j sits at tile row j // cols, tile column j % cols (reference and stage)."""
     frames = [torch.full((12, 6, 1), float(j), dtype=torch.float64) for j in range(6)]
-    m = build_mosaic(frames, 6)  # 3 rows x 2 cols, tiles 4 x 3
-    for j in range(6):
-        r, c = j // 2, j % 2
-        assert torch.all(m[r * 4:(r + 1) * 4, c * 3:(c + 1) * 3] == j)
+    level = plan_module.make_plan(6, 12, 6, make_config((6,), (1,), kernel_size=1)).levels[0]
+    assert (level.rows, level.cols, level.tile) == (3, 2, (4, 3))
+    for m in (build_mosaic(frames, 6), mosaic_of(frames, 6)):  # 3 rows x 2 cols, tiles 4 x 3
+        for j in range(6):
+            r, c = j // 2, j % 2
+            assert torch.all(m[r * 4:(r + 1) * 4, c * 3:(c + 1) * 3] == j)
     frames = [torch.full((6, 5, 1), float(j), dtype=torch.float64) for j in range(3)]
-    m = build_mosaic(frames, 3)  # 3 rows x 1 col, tiles 2 x 5
-    for j in range(3):
-        assert torch.all(m[2 * j:2 * j + 2] == j)
+    for m in (build_mosaic(frames, 3), mosaic_of(frames, 3)):  # 3 rows x 1 col, tiles 2 x 5
+        for j in range(3):
+            assert torch.all(m[2 * j:2 * j + 2] == j)
 
 
 def test_mosaic_crop_27():
     """27 x 27, 2 x 2: tiles 14 x 14, mosaic 28 x 28 cropped to its top-left."""
     frames = [torch.full((27, 27, 2), float(v), dtype=torch.float64) for v in (1, 3, 5, 7)]
-    m = build_mosaic(frames, 4)
-    assert m.shape == (27, 27, 2)
-    assert torch.all(m[:14, :14] == 1) and torch.all(m[:14, 14:] == 3)
-    assert torch.all(m[14:, :14] == 5) and torch.all(m[14:, 14:] == 7)
+    level = plan_module.make_plan(4, 27, 27, make_config((4,), (1,), kernel_size=1)).levels[0]
+    assert (level.rows, level.cols, level.tile) == (2, 2, (14, 14))
+    for m in (build_mosaic(frames, 4), mosaic_of(frames, 4)):
+        assert m.shape == (27, 27, 2)
+        assert torch.all(m[:14, :14] == 1) and torch.all(m[:14, 14:] == 3)
+        assert torch.all(m[14:, :14] == 5) and torch.all(m[14:, 14:] == 7)
 
 
 def test_worked_example_t16_values():
@@ -219,8 +235,24 @@ def test_worked_example_levels(T, plan):
             torch.testing.assert_close(after, stages[level], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("T, plan", [(16, PLAN_T16), (64, PLAN_T64)])
+def test_worked_example_plan(T, plan):
+    """make_plan itself: each level's sampled frames, chunks and replaced frames, as the spec lists them."""
+    built = plan_module.make_plan(T, 27, 27, STGridPoolConfig())
+    expected_levels = [chunks for chunks in plan if chunks]  # a level without a mosaic is left out
+    assert len(built.levels) == len(expected_levels)
+    for level, chunks in zip(built.levels, expected_levels):
+        assert level.frames == tuple(f for sources, _ in chunks for f in sources)
+        assert level.targets == tuple(target for _, target in chunks)
+        assert (level.rows, level.cols, level.tile) == (2, 2, (14, 14))
+    assert built.replaced == tuple(sorted({t for chunks in plan for _, t in chunks}))
+    assert built.out_grid == (13, 13)
+
+
 def test_worked_example_t64_replaced_frames():
     """T=64: level 1 replaces 7, 15, ..., 63; level 2 15, 31, 47, 63; level 3 31 and 63."""
+    levels = plan_module.make_plan(64, 8, 8, STGridPoolConfig()).levels
+    assert [level.targets for level in levels] == [tuple(range(7, 64, 8)), (15, 31, 47, 63), (31, 63)]
     x = frame_index_video(64, 8, 8)
     y1 = ptg(x, (4,), (2,))
     y2 = ptg(x, (4, 4), (2, 4))
@@ -274,14 +306,30 @@ def test_output_grid(H, W, k, grid):
     assert cfg.num_tokens(10, H, W) == 10 * grid[0] * grid[1]
 
 
+def stock_tokens_per_frame(grid: int) -> int:
+    """Tokens per frame of vLLM's own LLaVA-OneVision video pooling, counted from its output."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
+
+    vision = SimpleNamespace(image_size=grid * 14, patch_size=14)
+    stand_in = SimpleNamespace(config=SimpleNamespace(vision_config=vision))
+    pooled = LlavaOnevisionForConditionalGeneration.apply_pooling(stand_in, torch.zeros(2, grid * grid, 3))
+    return pooled.shape[1]
+
+
 def test_token_counts_table():
+    """The spec's table: ST-GridPool's counts from the stage's output, stock's from vLLM's own pooling."""
     k2 = STGridPoolConfig()
     k3 = STGridPoolConfig.from_dict({"kernel_size": 3})
-    assert k2.num_tokens(1, 27, 27) == 169 and k3.num_tokens(1, 27, 27) == 81
-    assert k2.num_tokens(1, 24, 24) == 144 and k3.num_tokens(1, 24, 24) == 64
-    stock_per_frame = math.ceil(27 / 2) ** 2
-    assert stock_per_frame == 196
-    assert 64 * stock_per_frame + 1 == 12545
+    for grid, (n2, n3) in ((27, (169, 81)), (24, (144, 64))):
+        x = torch.zeros(2, grid, grid, 3)
+        assert st_gridpool(x, k2)[0].numel() // 3 == k2.num_tokens(1, grid, grid) == n2
+        assert st_gridpool(x, k3)[0].numel() // 3 == k3.num_tokens(1, grid, grid) == n3
+    stock = stock_tokens_per_frame(27)
+    assert stock == 196
+    # LLaVA-OneVision: one image_newline token per video on top of the frames' tokens.
+    assert 64 * stock + 1 == 12545
     assert k2.num_tokens(64, 27, 27) + 1 == 10817
 
 
@@ -420,3 +468,74 @@ def test_config_frozen():
         cfg.kernel_size = 3
     with pytest.raises(AttributeError):
         cfg.temperature = 2.0
+
+
+# --------------------------------------------------------------------------
+# (d) plan.stage_cost against what the stage really allocates and moves
+# --------------------------------------------------------------------------
+
+
+def measured_peak_bytes(fn) -> int:
+    """Most bytes held at once during ``fn()``, from the profiler's record of every CPU allocation and free."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+class CountElements(TorchDispatchMode):
+    """Elements read plus written by every aten op that computes (views and bare allocations excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and "empty" not in func.__name__:
+            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+            self.elements += sum(t.numel() for t in tensors)
+        return out
+
+
+@pytest.mark.parametrize(
+    "values, dtype, shape",
+    [
+        ({}, torch.float32, (32, 27, 27, 384)),  # several segments of 7 frames
+        ({}, torch.bfloat16, (20, 24, 24, 200)),
+        ({"kernel_size": 3, "norm_p": 3.0}, torch.float32, (32, 27, 27, 384)),  # the scaled score
+        ({"grid_sizes": [4, 4, 4, 4], "grid_strides": [1, 1, 1, 1]}, torch.float32, (32, 27, 27, 384)),
+        ({"grid_sizes": [9, 2], "grid_strides": [1, 3], "norm_p": 0.5}, torch.float16, (20, 24, 24, 200)),
+        ({"grid_sizes": [], "grid_strides": []}, torch.float32, (9, 24, 24, 128)),
+    ],
+)
+def test_stage_cost_bounds_the_stage(values, dtype, shape):
+    """peak_bytes bounds the measured peak (output included) within 1.5x; work is 40-100% of every element touched."""
+    cfg = STGridPoolConfig.from_dict(values)
+    x = randn(*shape, seed=12, dtype=torch.float32).to(dtype)
+    with torch.inference_mode():
+        st_gridpool(x, cfg)  # warm: plan cached, lazy imports done
+        peak = measured_peak_bytes(lambda: st_gridpool(x, cfg))
+        with CountElements() as counted:
+            st_gridpool(x, cfg)
+    cost = plan_module.stage_cost(*shape, cfg, x.element_size())
+    assert peak <= cost.peak_bytes <= 1.5 * peak, (peak, cost.peak_bytes)
+    # The count also sees the weighted sum accumulating into its output, which work leaves out.
+    assert 0.4 * counted.elements <= cost.work <= counted.elements, (cost.work, counted.elements)
+
+
+def test_stage_cost_grows_with_the_pyramid_and_shrinks_with_the_kernel():
+    base = plan_module.stage_cost(64, 27, 27, 896, STGridPoolConfig(), 4)
+    denser = plan_module.stage_cost(64, 27, 27, 896, make_config((4, 4, 4, 4), (1, 1, 1, 1)), 4)
+    larger_kernel = plan_module.stage_cost(64, 27, 27, 896, make_config(kernel_size=3), 4)
+    assert denser.peak_bytes > base.peak_bytes and denser.work > base.work
+    assert larger_kernel.peak_bytes < base.peak_bytes and larger_kernel.work < base.work
+    # The defaults hold little beyond the output: a few mosaics and one segment's temporaries.
+    output = 64 * 13 * 13 * 896 * 4
+    assert base.peak_bytes - output <= 0.5 * 64 * 27 * 27 * 896 * 4
