@@ -1,7 +1,7 @@
 """Operator benchmark: ST-GridPool against vLLM's stock LLaVA-OneVision pooling.
 
 One video of T=64 frames of 27 x 27 tokens (SigLIP-384/14), in two settings:
-D=896 float32 and D=3584 bfloat16. Variants, timed in one run:
+D=896 float32 and D=3584 bfloat16. Variants, timed side by side in one run:
 
 - stock: vLLM's ``LlavaOnevisionForConditionalGeneration.apply_pooling``, the
   real method called unbound; it reads nothing from ``self`` but
@@ -9,14 +9,24 @@ D=896 float32 and D=3584 bfloat16. Variants, timed in one run:
   object carries those two numbers.
 - eager: ``st_gridpool`` as is.
 - compiled: ``torch.compile(st_gridpool, fullgraph=True)``, timed after warm-up.
-- reference: the plain loop implementation from ``tests/reference_stgridpool.py``.
+- plain reference: ``tests/reference_stgridpool.py``, a literal loop
+  implementation written from the spec, one softmax per window, in the
+  style of the authors' published code. It is the stand-in for "the
+  authors' code" (which this repository does not ship), not that code.
 
-Prints a table (median seconds, ratio to stock) and writes
-``benchmarks/results/op_bench.json``.
+The machine may be shared: variants are timed in interleaved rounds (one
+call of each per round, the order rotating) and every ratio is the median of
+the per-round ratios, so a slow stretch hits all variants alike. Also
+reported: where eager time goes (``torch.profiler``, grouped into the norm
+pass, softmax weights, weighted sum, resize, tiling and allocation), peak
+memory beyond the input (from the profiler's allocation events), and batches
+of B = 1, 4, 8 videos at T = 32. Writes ``benchmarks/results/op_bench.json``
+and ``op_bench.png``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -26,6 +36,7 @@ from types import SimpleNamespace
 
 import msgspec
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -33,35 +44,48 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from reference_stgridpool import st_gridpool_reference  # noqa: E402
 
 from vllm_stgridpool import STGridPoolConfig, st_gridpool  # noqa: E402
+from vllm_stgridpool.plan import stage_cost  # noqa: E402
 
 NUM_FRAMES = 64
 GRID = 27
 SETTINGS = [(896, torch.float32), (3584, torch.bfloat16)]
-WARMUP = 2
-RUNS = 9
-REFERENCE_RUNS = 3
-TARGET_EAGER = 1.5
-TARGET_COMPILED = 1.2
-TARGET_REFERENCE_SPEEDUP = 20.0
-OUT_PATH = os.path.join(ROOT, "benchmarks", "results", "op_bench.json")
+BATCH_FRAMES = 32
+BATCHES = (1, 4, 8)
+TARGETS = {"eager": 2.0, "compiled": 1.5, "eager_aim": 1.5, "compiled_aim": 1.2, "reference_speedup": 10.0,
+           "peak_extra_of_input": 0.5}
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
-class Timing(msgspec.Struct):
-    variant: str
-    median_s: float
-    runs: int
-    ratio_to_stock: float
+class Variant(msgspec.Struct):
+    name: str
+    median_ms: float
+    ratio_to_stock: float  # median over rounds of (this variant / stock in the same round)
+    rounds: int
 
 
 class Case(msgspec.Struct):
     dim: int
     dtype: str
     shape: list[int]
-    timings: list[Timing]
-    eager_target_met: bool
-    compiled_target_met: bool
-    reference_speedup: float
-    reference_target_met: bool
+    input_mb: float
+    variants: list[Variant]
+    compile_s: float
+    reference_speedup: float  # plain reference / eager, medians
+    breakdown_ms: dict[str, float]  # eager, one profiled call
+    stock_breakdown_ms: dict[str, float]
+    peak_extra_mb: dict[str, float]  # beyond the input: with and without the output
+    stage_cost_mb: float
+    targets_met: dict[str, bool]
+
+
+class BatchRow(msgspec.Struct):
+    variant: str
+    dim: int
+    dtype: str
+    batch: int
+    median_ms: float
+    per_video_ms: float
+    ratio_to_batch_of_one: float  # time(B) / (B * time(1)); <= 1 is the target
 
 
 class Report(msgspec.Struct):
@@ -70,13 +94,15 @@ class Report(msgspec.Struct):
     threads: int
     machine: str
     stock: str
+    reference: str
     config: dict
     targets: dict
     cases: list[Case]
+    batches: list[BatchRow]
 
 
 def stock_pooling():
-    """vLLM 0.32's LLaVA-OneVision video pooling, called unbound with a stand-in ``self``."""
+    """vLLM's LLaVA-OneVision video pooling, called unbound with a stand-in ``self``."""
     from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 
     # SigLIP-384/14 as configured by llava-onevision-qwen2: 384 // 14 = 27.
@@ -86,81 +112,225 @@ def stock_pooling():
     return lambda feats: method(stand_in, feats)
 
 
-def median_time(fn, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved(fns: dict, rounds: int, only_some: dict[str, int] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each function, one call of each per round, the order rotating each round."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            if only_some and name in only_some and r % only_some[name]:
+                continue
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
-def run_case(dim: int, dtype: torch.dtype, cfg: STGridPoolConfig, stock) -> Case:
+def ratio(times: dict[str, list[float]], name: str) -> float:
+    pairs = list(zip(times[name], times["stock"]))
+    return statistics.median(a / b for a, b in pairs)
+
+
+PARTS = (
+    ("norm pass", ("linalg_vector_norm", "amax", "amin", "maximum", "pow", "mean", "div", "abs")),
+    ("weights", ("softmax", "sub", "stack")),
+    ("weighted sum", ("addcmul", "mul")),
+    ("resize", ("adaptive_avg_pool2d", "upsample_bilinear2d")),
+    ("tiling", ("copy", "index_copy", "index_select", "nan_to_num", "clamp")),
+    ("allocation", ("empty", "empty_strided", "new_empty", "empty_like", "resize")),
+)
+
+
+def breakdown(fn) -> dict[str, float]:
+    """Self CPU milliseconds of one call, grouped by the part of the stage each aten op belongs to.
+
+    ``weighted sum`` includes the first touch of the freshly allocated
+    output (its page faults), as the stock's ``resize`` does.
+    """
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    parts = {name: 0.0 for name, _ in PARTS}
+    parts["other"] = 0.0
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        op = event.key.removeprefix("aten::").strip("_")
+        part = next((name for name, ops in PARTS if op in ops), "other")
+        parts[part] += event.self_cpu_time_total / 1e3
+    parts["total"] = sum(parts.values())
+    return {k: round(v, 2) for k, v in parts.items()}
+
+
+def peak_bytes(fn) -> int:
+    """Most bytes allocated at once during ``fn()`` (from the profiler's allocation events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def run_case(dim: int, dtype: torch.dtype, cfg: STGridPoolConfig, stock, rounds: int) -> Case:
     gen = torch.Generator().manual_seed(dim)
     x = torch.randn(NUM_FRAMES, GRID, GRID, dim, generator=gen).to(dtype)
     flat = x.reshape(NUM_FRAMES, GRID * GRID, dim)
+    input_bytes = x.numel() * x.element_size()
 
     torch._dynamo.reset()
     compiled = torch.compile(lambda v: st_gridpool(v, cfg), fullgraph=True, dynamic=False)
+    reference = lambda: st_gridpool_reference(  # noqa: E731
+        x, cfg.grid_sizes, cfg.grid_strides, cfg.kernel_size, cfg.temperature, cfg.norm_p
+    )
     with torch.inference_mode():
         expected = st_gridpool(x, cfg)
         start = time.perf_counter()
-        try:
-            got = compiled(x)
-        except Exception as exc:  # reported in the table, the other variants still run
-            compiled = None
-            print(f"  D={dim} {dtype}: torch.compile failed: {type(exc).__name__}", flush=True)
-        else:
-            compile_s = time.perf_counter() - start
-            torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
-            print(f"  D={dim} {dtype}: first compiled call (compile) {compile_s:.1f}s", flush=True)
-
-        medians = {
-            "stock": (median_time(lambda: stock(flat), RUNS, WARMUP), RUNS),
-            "st_gridpool eager": (median_time(lambda: st_gridpool(x, cfg), RUNS, WARMUP), RUNS),
+        got = compiled(x)
+        compile_s = time.perf_counter() - start
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+        print(f"  D={dim} {dtype}: first compiled call (compile) {compile_s:.0f} s", flush=True)
+        fns = {
+            "stock": lambda: stock(flat),
+            "eager": lambda: st_gridpool(x, cfg),
+            "compiled": lambda: compiled(x),
+            "reference": reference,
         }
-        if compiled is not None:
-            medians["st_gridpool compiled"] = (median_time(lambda: compiled(x), RUNS, WARMUP), RUNS)
-        else:
-            medians["st_gridpool compiled"] = (float("nan"), 0)
-        ref = lambda: st_gridpool_reference(  # noqa: E731
-            x, cfg.grid_sizes, cfg.grid_strides, cfg.kernel_size, cfg.temperature, cfg.norm_p
-        )
-        medians["reference"] = (median_time(ref, REFERENCE_RUNS, 1), REFERENCE_RUNS)
-
-    base = medians["stock"][0]
-    timings = [Timing(name, t, n, t / base) for name, (t, n) in medians.items()]
-    eager = medians["st_gridpool eager"][0]
-    speedup = medians["reference"][0] / eager
+        for fn in fns.values():
+            fn()
+        times = interleaved(fns, rounds, only_some={"reference": 3})
+        parts = breakdown(fns["eager"])
+        stock_parts = breakdown(fns["stock"])
+        output_bytes = expected.numel() * expected.element_size()
+        peak = peak_bytes(fns["eager"])
+    cost = stage_cost(NUM_FRAMES, GRID, GRID, dim, cfg, x.element_size())
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    variants = [Variant(name, medians[name] * 1e3, ratio(times, name), len(times[name])) for name in fns]
+    speedup = medians["reference"] / medians["eager"]
+    extra = (peak - output_bytes) / input_bytes
     return Case(
         dim=dim,
-        dtype=str(dtype).replace("torch.", ""),
+        dtype=str(dtype).removeprefix("torch."),
         shape=list(x.shape),
-        timings=timings,
-        eager_target_met=eager <= TARGET_EAGER * base,
-        compiled_target_met=bool(medians["st_gridpool compiled"][0] <= TARGET_COMPILED * base),
+        input_mb=input_bytes / 1e6,
+        variants=variants,
+        compile_s=compile_s,
         reference_speedup=speedup,
-        reference_target_met=speedup >= TARGET_REFERENCE_SPEEDUP,
+        breakdown_ms=parts,
+        stock_breakdown_ms=stock_parts,
+        peak_extra_mb={"with_output": peak / 1e6, "beyond_output": (peak - output_bytes) / 1e6,
+                       "beyond_output_of_input": extra},
+        stage_cost_mb=cost.peak_bytes / 1e6,
+        targets_met={
+            "eager": ratio(times, "eager") <= TARGETS["eager"],
+            "compiled": ratio(times, "compiled") <= TARGETS["compiled"],
+            "eager_aim": ratio(times, "eager") <= TARGETS["eager_aim"],
+            "compiled_aim": ratio(times, "compiled") <= TARGETS["compiled_aim"],
+            "reference_speedup": speedup >= TARGETS["reference_speedup"],
+            "peak_extra": extra <= TARGETS["peak_extra_of_input"],
+        },
     )
+
+
+def run_batches(dim: int, dtype: torch.dtype, cfg: STGridPoolConfig, stock, rounds: int) -> list[BatchRow]:
+    """B videos of T=32 frames in one call, eager and stock side by side (stock pools all B*T frames at once)."""
+    gen = torch.Generator().manual_seed(dim + 1)
+    videos = torch.randn(max(BATCHES), BATCH_FRAMES, GRID, GRID, dim, generator=gen).to(dtype)
+    fns = {}
+    for b in BATCHES:
+        fns[f"eager B={b}"] = lambda b=b: st_gridpool(videos[:b], cfg)
+        fns[f"stock B={b}"] = lambda b=b: stock(videos[:b].reshape(b * BATCH_FRAMES, GRID * GRID, dim))
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()
+        times = interleaved(fns, rounds)
+    rows = []
+    for variant in ("eager", "stock"):
+        one = statistics.median(times[f"{variant} B=1"])
+        for b in BATCHES:
+            med = statistics.median(times[f"{variant} B={b}"])
+            rows.append(BatchRow(variant, dim, str(dtype).removeprefix("torch."), b, med * 1e3, med * 1e3 / b,
+                                 med / (b * one)))
+    return rows
 
 
 def print_case(case: Case) -> None:
-    print(f"\nT={NUM_FRAMES}, {GRID}x{GRID} tokens, D={case.dim}, {case.dtype}")
-    print(f"  {'variant':<22} {'median ms':>11} {'x stock':>9} {'runs':>5}")
-    for t in case.timings:
-        print(f"  {t.variant:<22} {t.median_s * 1e3:>11.2f} {t.ratio_to_stock:>9.2f} {t.runs:>5}")
+    print(f"\nT={NUM_FRAMES}, {GRID}x{GRID} tokens, D={case.dim}, {case.dtype} ({case.input_mb:.0f} MB)")
+    print(f"  {'variant':<12} {'median ms':>10} {'x stock':>8}  target")
+    goals = {"eager": TARGETS["eager"], "compiled": TARGETS["compiled"]}
+    for v in case.variants:
+        goal = f"<= {goals[v.name]}x ({'met' if v.ratio_to_stock <= goals[v.name] else 'NOT met'})" if v.name in goals else ""
+        print(f"  {v.name:<12} {v.median_ms:>10.1f} {v.ratio_to_stock:>8.2f}  {goal}")
     ok = {True: "met", False: "NOT met"}
-    print(f"  eager <= {TARGET_EAGER}x stock: {ok[case.eager_target_met]}")
-    print(f"  compiled <= {TARGET_COMPILED}x stock: {ok[case.compiled_target_met]}")
-    print(
-        f"  eager >= {TARGET_REFERENCE_SPEEDUP:g}x faster than reference "
-        f"({case.reference_speedup:.0f}x): {ok[case.reference_target_met]}"
-    )
+    print(f"  eager is {case.reference_speedup:.0f}x faster than the plain reference "
+          f"(>= {TARGETS['reference_speedup']:g}x: {ok[case.targets_met['reference_speedup']]})")
+    print(f"  aims: eager <= {TARGETS['eager_aim']}x {ok[case.targets_met['eager_aim']]}, "
+          f"compiled <= {TARGETS['compiled_aim']}x {ok[case.targets_met['compiled_aim']]}; "
+          f"first compiled call {case.compile_s:.0f} s")
+    peak = case.peak_extra_mb
+    print(f"  peak memory beyond the input: {peak['with_output']:.1f} MB, of which output "
+          f"{peak['with_output'] - peak['beyond_output']:.1f} MB; the rest is "
+          f"{peak['beyond_output_of_input']:.2f}x the input (<= {TARGETS['peak_extra_of_input']}x: "
+          f"{ok[case.targets_met['peak_extra']]}); plan.stage_cost bound {case.stage_cost_mb:.1f} MB")
+    print("  eager breakdown, ms (one profiled call): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in case.breakdown_ms.items()))
+    print("  stock breakdown, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in case.stock_breakdown_ms.items() if v))
 
 
-def main() -> None:
+def plot(cases: list[Case], batches: list[BatchRow], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.5))
+    labels = [f"D={c.dim} {c.dtype}" for c in cases]
+    for i, name in enumerate(("eager", "compiled")):
+        values = [next(v.ratio_to_stock for v in c.variants if v.name == name) for c in cases]
+        left.bar([j + 0.4 * i for j in range(len(cases))], values, width=0.4, label=name)
+    left.axhline(TARGETS["eager"], color="C0", linestyle="--", linewidth=1, label=f"eager target {TARGETS['eager']}x")
+    left.axhline(TARGETS["compiled"], color="C1", linestyle="--", linewidth=1,
+                 label=f"compiled target {TARGETS['compiled']}x")
+    left.set_xticks([j + 0.2 for j in range(len(cases))], labels)
+    left.set_ylabel("time / stock pooling (median of rounds)")
+    left.set_title(f"T={NUM_FRAMES}, {GRID}x{GRID}")
+    left.legend(fontsize=8)
+    parts = [p for p in cases[0].breakdown_ms if p != "total"]
+    bottom = [0.0] * len(cases)
+    for part in parts:
+        values = [c.breakdown_ms.get(part, 0.0) for c in cases]
+        middle.bar(labels, values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    middle.set_ylabel("eager ms (profiled call)")
+    middle.set_title("where eager time goes")
+    middle.legend(fontsize=8)
+    for key in sorted({(r.variant, r.dim, r.dtype) for r in batches}):
+        rows = [r for r in batches if (r.variant, r.dim, r.dtype) == key]
+        right.plot([r.batch for r in rows], [r.ratio_to_batch_of_one for r in rows], marker="o",
+                   linestyle="-" if key[0] == "eager" else ":", label=f"{key[0]} D={key[1]} {key[2]}")
+    right.set_xlabel(f"videos per call (T={BATCH_FRAMES})")
+    right.axhline(1.0, color="grey", linewidth=1)
+    right.set_ylabel("time(B) / (B x time(1))")
+    right.set_title("batches")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per case (default 9)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--output", default=os.path.join(RESULTS, "op_bench.json"))
+    parser.add_argument("--skip-batches", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import vllm
 
     cfg = STGridPoolConfig()
@@ -168,27 +338,35 @@ def main() -> None:
     print(f"torch {torch.__version__}, vllm {vllm.__version__}, {torch.get_num_threads()} threads", flush=True)
     cases = []
     for dim, dtype in SETTINGS:
-        case = run_case(dim, dtype, cfg, stock)
+        case = run_case(dim, dtype, cfg, stock, args.rounds)
         print_case(case)
         cases.append(case)
+    batches = []
+    if not args.skip_batches:
+        print(f"\nbatches of videos, T={BATCH_FRAMES}, eager (time(B) / (B x time(1)) <= 1 is the target)")
+        for dim, dtype in SETTINGS:
+            for row in run_batches(dim, dtype, cfg, stock, args.rounds):
+                batches.append(row)
+                print(f"  {row.variant:<6} D={dim} {row.dtype} B={row.batch}: {row.median_ms:.1f} ms, "
+                      f"{row.per_video_ms:.1f} ms per video, {row.ratio_to_batch_of_one:.2f}x B x one video")
     report = Report(
         torch_version=str(torch.__version__),
         vllm_version=str(vllm.__version__),
         threads=torch.get_num_threads(),
         machine=f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} cpus",
         stock="LlavaOnevisionForConditionalGeneration.apply_pooling (unbound, stand-in self)",
+        reference="tests/reference_stgridpool.py (plain per-window loops, the stand-in for the authors' code)",
         config=cfg.to_dict(),
-        targets={
-            "eager_max_ratio": TARGET_EAGER,
-            "compiled_max_ratio": TARGET_COMPILED,
-            "min_speedup_vs_reference": TARGET_REFERENCE_SPEEDUP,
-        },
+        targets=TARGETS,
         cases=cases,
+        batches=batches,
     )
-    os.makedirs(os.path.dirname(OUT_PATH), exist_ok=True)
-    with open(OUT_PATH, "wb") as f:
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "wb") as f:
         f.write(msgspec.json.format(msgspec.json.encode(report), indent=2))
-    print(f"\nwrote {os.path.relpath(OUT_PATH, ROOT)}")
+    png = os.path.splitext(args.output)[0] + ".png"
+    plot(cases, batches, png)
+    print(f"\nwrote {os.path.relpath(args.output, ROOT)} and {os.path.relpath(png, ROOT)}")
 
 
 if __name__ == "__main__":

@@ -59,13 +59,19 @@ def _constant_plan(num_frames: int, height: int, width: int, config: STGridPoolC
 def apply_plan(videos: torch.Tensor, plan: Plan, temperature: float, norm_p: float) -> torch.Tensor:
     """Run PTG then NSP on ``videos`` (B, T, H, W, D) following ``plan``'s steps, one video after another."""
     batch, num_frames, height, width, dim = videos.shape
-    out = videos.new_empty(batch, num_frames, *plan.out_grid, dim)
+    # Eager code writes into the output in place; compiled code gets each video's output
+    # as a fresh tensor, which the compiler fuses better than writes into views.
+    out = None if torch.compiler.is_compiling() else videos.new_empty(batch, num_frames, *plan.out_grid, dim)
     pool = dict(kernel_size=plan.kernel_size, temperature=temperature, norm_p=norm_p)
     free: list[torch.Tensor] = []  # buffers of consumed mosaics, reused for later ones
-    for frames, pooled in zip(videos.unbind(0), out.unbind(0)):
+    results = []
+    for index, frames in enumerate(videos.unbind(0)):
+        pooled = None if out is None else out[index]
         mosaics: dict[int, torch.Tensor] = {}  # (H, W, D) buffer of each mosaic being built or read
         for step in plan.steps:
-            if isinstance(step, PoolFrames):
+            if isinstance(step, PoolFrames) and pooled is None:  # compiled: the whole video, one step
+                pooled = norm_pool(frames, **pool)
+            elif isinstance(step, PoolFrames):
                 _norm_pool_into(frames[step.start : step.stop], pooled[step.start : step.stop], **pool)
             elif isinstance(step, Resize):
                 for place in (place for places in step.places for place in places):
@@ -80,36 +86,49 @@ def apply_plan(videos: torch.Tensor, plan: Plan, temperature: float, norm_p: flo
                 _put(pooled, step.frames, norm_pool(torch.stack([mosaics[m] for m in step.mosaics]), **pool))
             else:
                 free.extend(mosaics.pop(mosaic) for mosaic in step.mosaics)
-    return out
+        results.append(pooled)
+    return out if out is not None else torch.stack(results)
 
 
 def _resize_into(frames, step: Resize, mosaics: dict[int, torch.Tensor]) -> None:
-    """Area-resize ``step``'s source frames (rows of a tensor, or mosaics) and copy each tile into its places.
-
-    Tiles are never larger than the frame, so the spec's "area when
-    shrinking, else bilinear" is area or nothing (bilinear to the same size
-    is the identity). Area interpolation is adaptive average pooling, which
-    sums in float32 and rounds once to the input dtype on every device. On
-    one frame viewed channels-last PyTorch reads the frame in place, so eager
-    mode resizes frame by frame; compiled code resizes them in one kernel.
-    """
-    rows, size = step.sources, step.size
-    if isinstance(frames, torch.Tensor) and torch.compiler.is_compiling() and len(rows) > 1:
-        batch = _take(frames, rows)
-        tiles = list(batch.unbind(0) if tuple(batch.shape[1:3]) == size else _area(batch, size).unbind(0))
+    """Area-resize ``step``'s source frames (rows of a tensor, or mosaics) and copy each tile into its places."""
+    size = step.size
+    if isinstance(frames, dict):  # one completed mosaic
+        frames, rows = frames[step.sources[0]].unsqueeze(0), (0,)
     else:
-        tiles = [frames[row] for row in rows]
-        tiles = [t if tuple(t.shape[:2]) == size else _area(t.unsqueeze(0), size)[0] for t in tiles]
-    for tile, places in zip(tiles, step.places):
+        rows = step.sources
+    if tuple(frames.shape[1:3]) == size:  # a one-frame mosaic is the frame itself
+        tiles = _take(frames, rows)
+    else:
+        tiles = area_tiles(frames, list(rows), size[0], size[1])
+    for tile, places in zip(tiles.unbind(0), step.places):
         for p in places:
             mosaics[p.mosaic][p.top : p.top + p.rows, p.left : p.left + p.cols].copy_(tile[: p.rows, : p.cols])
 
 
-def _area(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, H, W, D) -> (N, h, w, D) by adaptive average pooling."""
-    # (N, D, H, W) with D innermost: PyTorch's channels-last layout, pooled without a copy
-    # when the frames are contiguous (one frame always is).
-    return F.adaptive_avg_pool2d(frames.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)
+@torch.library.custom_op("stgridpool::area_tiles", mutates_args=())
+def area_tiles(frames: torch.Tensor, rows: list[int], height: int, width: int) -> torch.Tensor:
+    """``frames[rows]`` (each (H, W, D)) resized to (height, width) by area interpolation: (len(rows), h, w, D).
+
+    Tiles are never larger than the frame, so the spec's "area when
+    shrinking, else bilinear" is area or nothing (bilinear to the same size
+    is the identity). Area interpolation is adaptive average pooling, which
+    sums in float32 and rounds once to the input dtype on every device.
+    One frame viewed channels-last (D innermost) is pooled in place, without
+    the copy a strided batch of frames would need. An
+    opaque op, so compiled code runs this kernel rather than a generated one
+    (several times slower in bfloat16).
+    """
+    tiles = [
+        F.adaptive_avg_pool2d(frames[row].unsqueeze(0).permute(0, 3, 1, 2), (height, width))  # channels-last
+        for row in rows
+    ]
+    return torch.cat(tiles).permute(0, 2, 3, 1).contiguous()
+
+
+@area_tiles.register_fake
+def _(frames: torch.Tensor, rows: list[int], height: int, width: int) -> torch.Tensor:
+    return frames.new_empty(len(rows), height, width, frames.shape[-1])
 
 
 def _saturate(mosaic: torch.Tensor) -> None:
@@ -134,12 +153,8 @@ def _take(frames: torch.Tensor, rows: tuple[int, ...]) -> torch.Tensor:
 
 
 def _put(out: torch.Tensor, rows: tuple[int, ...], values: torch.Tensor) -> None:
-    """``out[rows] = values``."""
-    step = rows[1] - rows[0] if len(rows) > 1 else 1
-    if step > 0 and all(b - a == step for a, b in zip(rows, rows[1:])):
-        out[rows[0] : rows[-1] + 1 : step].copy_(values)
-    else:
-        out.index_copy_(0, torch.tensor(rows, device=out.device), values)
+    """``out[rows] = values``, in place (compiled code writes these rows only, not a copy of ``out``)."""
+    out.index_put_((torch.tensor(rows, device=out.device),), values)
 
 
 def norm_pool(x: torch.Tensor, kernel_size: int, temperature: float, norm_p: float) -> torch.Tensor:
