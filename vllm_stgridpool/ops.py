@@ -98,17 +98,17 @@ def _resize_into(frames, step: Resize, mosaics: dict[int, torch.Tensor]) -> None
     else:
         rows = step.sources
     if tuple(frames.shape[1:3]) == size:  # a one-frame mosaic is the frame itself
-        tiles = _take(frames, rows)
+        tiles = [frames[row] for row in rows]
     else:
         tiles = area_tiles(frames, list(rows), size[0], size[1])
-    for tile, places in zip(tiles.unbind(0), step.places):
+    for tile, places in zip(tiles, step.places):
         for p in places:
             mosaics[p.mosaic][p.top : p.top + p.rows, p.left : p.left + p.cols].copy_(tile[: p.rows, : p.cols])
 
 
 @torch.library.custom_op("stgridpool::area_tiles", mutates_args=())
-def area_tiles(frames: torch.Tensor, rows: list[int], height: int, width: int) -> torch.Tensor:
-    """``frames[rows]`` (each (H, W, D)) resized to (height, width) by area interpolation: (len(rows), h, w, D).
+def area_tiles(frames: torch.Tensor, rows: list[int], height: int, width: int) -> list[torch.Tensor]:
+    """``frames[rows]`` (each (H, W, D)) resized to (height, width) by area interpolation: (h, w, D) tiles.
 
     Tiles are never larger than the frame, so the spec's "area when
     shrinking, else bilinear" is area or nothing (bilinear to the same size
@@ -119,16 +119,15 @@ def area_tiles(frames: torch.Tensor, rows: list[int], height: int, width: int) -
     opaque op, so compiled code runs this kernel rather than a generated one
     (several times slower in bfloat16).
     """
-    tiles = [
-        F.adaptive_avg_pool2d(frames[row].unsqueeze(0).permute(0, 3, 1, 2), (height, width))  # channels-last
-        for row in rows
+    return [
+        F.adaptive_avg_pool2d(frames[row].unsqueeze(0).permute(0, 3, 1, 2), (height, width))[0].permute(1, 2, 0)
+        for row in rows  # (1, D, H, W) with D innermost: channels-last, pooled in place
     ]
-    return torch.cat(tiles).permute(0, 2, 3, 1).contiguous()
 
 
 @area_tiles.register_fake
-def _(frames: torch.Tensor, rows: list[int], height: int, width: int) -> torch.Tensor:
-    return frames.new_empty(len(rows), height, width, frames.shape[-1])
+def _(frames: torch.Tensor, rows: list[int], height: int, width: int) -> list[torch.Tensor]:
+    return [frames.new_empty(height, width, frames.shape[-1]) for _ in rows]
 
 
 def _saturate(mosaic: torch.Tensor) -> None:

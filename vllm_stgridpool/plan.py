@@ -327,7 +327,7 @@ def _plan_cost(plan: Plan, dim: int, itemsize: int, norm_p: float) -> StageCost:
             temp, moved = pool(len(step.mosaics), gathered=len(step.mosaics) > 1)
         elif isinstance(step, Resize):
             tile = step.size[0] * step.size[1] * dim
-            temp = 2 * len(step.sources) * tile * itemsize  # each frame's tile, then all joined
+            temp = len(step.sources) * tile * itemsize  # the tiles, placed once all exist
             moved = len(step.sources) * (frame + tile)
             for places in step.places:
                 for place in places:
