@@ -17,10 +17,12 @@ For each server it measures
   "KV cache size: N tokens", cross-checked against ``num_gpu_blocks x
   block_size`` of the ``vllm:cache_config_info`` gauge on ``/metrics``), and
   from it how many 64-frame requests fit at once;
-- closed-loop load with a 64-frame video at several concurrency levels:
+- closed-loop load with 64-frame videos at several concurrency levels, driven
+  by vLLM's own ``vllm bench serve`` (``random-mm`` dataset, a video bucket):
   requests/s, output tokens/s, time to first token and end-to-end latency
-  (p50, p99), plus the peak of ``vllm:num_requests_running`` and
-  ``vllm:kv_cache_usage_perc`` sampled from ``/metrics`` during the level.
+  (p50, p99) as that tool reports them, plus the peak of
+  ``vllm:num_requests_running`` and ``vllm:kv_cache_usage_perc`` sampled from
+  ``/metrics`` during the level (which ``vllm bench serve`` does not record).
 
 Writes ``benchmarks/results/serve_bench.json`` and two PNG plots next to it.
 Usage: ``python benchmarks/serve_bench.py [--quick]``.
@@ -35,15 +37,16 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import msgspec
-import numpy as np
 
-from vllm_stgridpool.launch import Server, start_server
+from vllm_stgridpool.launch import Server, start_server, vllm_command
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "serve_bench"
@@ -60,6 +63,7 @@ PROMPT_TEXT = "Describe the video."
 MAX_MODEL_LEN = 16384
 MAX_BATCHED_TOKENS = 16384
 SERVED_NAME = "llava-bench"
+LOAD_TEXT_TOKENS = 8  # random text tokens per load request (vllm bench serve's random-mm prompt)
 
 VARIANTS = {
     "stock": (None, ""),
@@ -147,13 +151,7 @@ def build_checkpoint() -> Path:
 
 
 def video_url(frames: int, width: int = VIDEO_SIZE[0]) -> str:
-    """A real mp4 as a base64 data URL.
-
-    vLLM caches encoder outputs (and processor outputs) by content hash across
-    requests, so the load phase gives every request its own clip, made distinct
-    by its width; every clip is resized to the same 378 x 378 input, so all
-    cost the same tokens.
-    """
+    """A real mp4 (content changing every frame) as a base64 data URL, for the token counts."""
     from vllm_stgridpool.sample_videos import write_mp4
 
     path = write_mp4(ARTIFACTS / "videos" / f"clip_{frames}f_{width}w.mp4", frames, width, VIDEO_SIZE[1])
@@ -291,66 +289,94 @@ async def count_tokens(server: Server, name: str, urls: dict[int, str]) -> dict[
     return counts
 
 
-async def run_level(server: Server, name: str, urls: list[str], concurrency: int, max_tokens: int) -> LevelResult:
-    """Closed loop: ``concurrency`` workers send one request per URL in total, back to back."""
-    from tqdm import tqdm
+def run_level(server: Server, name: str, checkpoint: Path, concurrency: int, requests: int, seed: int,
+              args) -> LevelResult:
+    """Closed-loop load from vLLM's own client, ``vllm bench serve`` with its ``random-mm`` dataset.
 
-    client = make_client(server)
-    queue = list(reversed(urls))
-    requests = len(urls)
-    results: list[RequestResult] = []
-    peaks = {"running": 0.0, "kv": 0.0}
-    bar = tqdm(total=requests, desc=f"  {name} c={concurrency}", unit="req", leave=True)
-
-    async def worker():
-        while queue:
-            result = await one_request(client, queue.pop(), max_tokens)
-            results.append(result)
-            bar.update(1)
-
-    async def watch_metrics():
-        async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
-            while True:
-                try:
-                    text = (await http.get(server.base_url + "/metrics")).text
-                    peaks["running"] = max(peaks["running"], _gauge(text, "vllm:num_requests_running"))
-                    peaks["kv"] = max(peaks["kv"], _gauge(text, "vllm:kv_cache_usage_perc"))
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.25)
-
-    watcher = asyncio.create_task(watch_metrics())
-    started = time.perf_counter()
-    try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    finally:
-        wall = time.perf_counter() - started
-        watcher.cancel()
-        bar.close()
-        await client.close()
-    good = [r for r in results if r.ok]
-    failed = [r for r in results if not r.ok]
-    ttft = [r.ttft_s for r in good] or [float("nan")]
-    e2e = [r.e2e_s for r in good] or [float("nan")]
+    ``--max-concurrency`` keeps ``concurrency`` requests in flight (no rate
+    limit); each carries one synthetic mp4 of ``args.load_frames`` frames of
+    random pixels, new for every request (``seed`` differs per level, so
+    vLLM's multimodal cache never serves a repeat), a random text prompt of
+    ``LOAD_TEXT_TOKENS`` tokens and ``ignore_eos``. vLLM's bench prints its own
+    progress bar and writes its result JSON; /metrics is sampled meanwhile.
+    """
+    out_dir = ARTIFACTS / "vllm_bench_serve" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_file = out_dir / f"c{concurrency}.json"
+    result_file.unlink(missing_ok=True)
+    height_width_frames = (VIDEO_SIZE[1], VIDEO_SIZE[0], args.load_frames)
+    command = [
+        *vllm_command(), "bench", "serve",
+        "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+        "--base-url", server.base_url, "--model", SERVED_NAME, "--tokenizer", str(checkpoint),
+        "--dataset-name", "random-mm",
+        "--random-mm-bucket-config", f"{{{height_width_frames}: 1.0}}",
+        "--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
+        "--random-mm-limit-mm-per-prompt", json.dumps({"image": 0, "video": 1}),
+        "--random-input-len", str(LOAD_TEXT_TOKENS), "--random-range-ratio", "0",
+        "--random-output-len", str(args.max_tokens), "--ignore-eos", "--temperature", "0",
+        "--num-prompts", str(requests), "--max-concurrency", str(concurrency), "--request-rate", "inf",
+        "--seed", str(seed),
+        "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99",
+        "--save-result", "--save-detailed", "--result-dir", str(out_dir), "--result-filename", result_file.name,
+    ]
+    print(f"  {name} c={concurrency}: vllm bench serve, {requests} requests", flush=True)
+    env = {**os.environ, "VLLM_PLUGINS": "", "NO_PROXY": "127.0.0.1,localhost"}  # a client: no plugin needed
+    with MetricsPeaks(server) as peaks:
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0 or not result_file.exists():
+        print(done.stdout[-4000:], file=sys.stderr)
+        raise RuntimeError(f"vllm bench serve failed ({done.returncode}) for {name} c={concurrency}")
+    result = json.loads(result_file.read_text())
+    errors = [e for e in result.get("errors", []) if e]
+    lens = [n for n, e in zip(result.get("input_lens", []), result.get("errors", [])) if not e]
     return LevelResult(
         concurrency=concurrency,
-        requests=len(results),
-        failed=len(failed),
-        wall_s=wall,
-        requests_per_s=len(good) / wall,
-        output_tokens_per_s=sum(r.completion_tokens for r in good) / wall,
-        ttft_p50_s=float(np.percentile(ttft, 50)),
-        ttft_p99_s=float(np.percentile(ttft, 99)),
-        e2e_p50_s=float(np.percentile(e2e, 50)),
-        e2e_p99_s=float(np.percentile(e2e, 99)),
-        prompt_tokens=good[0].prompt_tokens if good else 0,
-        peak_running_requests=int(peaks["running"]),
-        peak_kv_cache_usage=peaks["kv"],
-        first_error=failed[0].error if failed else None,
+        requests=result["completed"] + result.get("failed", 0),
+        failed=result.get("failed", 0),
+        wall_s=result["duration"],
+        requests_per_s=result["request_throughput"],
+        output_tokens_per_s=result["output_throughput"],
+        ttft_p50_s=result["p50_ttft_ms"] / 1000,
+        ttft_p99_s=result["p99_ttft_ms"] / 1000,
+        e2e_p50_s=result["p50_e2el_ms"] / 1000,
+        e2e_p99_s=result["p99_e2el_ms"] / 1000,
+        prompt_tokens=max(lens, default=0),
+        peak_running_requests=int(peaks.peaks["running"]),
+        peak_kv_cache_usage=peaks.peaks["kv"],
+        first_error=errors[0] if errors else None,
     )
 
 
-def bench_variant(name, checkpoint, urls, load_urls, args) -> VariantResult:
+class MetricsPeaks:
+    """Peaks of the running-requests and KV-usage gauges, from /metrics every 0.25 s in a thread."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.peaks = {"running": 0.0, "kv": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                text = self.server.get("/metrics")
+                self.peaks["running"] = max(self.peaks["running"], _gauge(text, "vllm:num_requests_running"))
+                self.peaks["kv"] = max(self.peaks["kv"], _gauge(text, "vllm:kv_cache_usage_perc"))
+            except OSError:
+                pass
+            self._stop.wait(0.25)
+
+    def __enter__(self) -> MetricsPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_variant(name, checkpoint, urls, args) -> VariantResult:
     overrides, plugins = VARIANTS[name]
     print(f"\n== {name}: VLLM_PLUGINS={plugins!r} hf_overrides={overrides}", flush=True)
     started = time.perf_counter()
@@ -363,11 +389,9 @@ def bench_variant(name, checkpoint, urls, load_urls, args) -> VariantResult:
         print(f"  KV cache: {kv.log_tokens} tokens -> {kv.max_concurrent_requests} concurrent "
               f"{KV_FRAMES}-frame requests of {kv.tokens_per_request} tokens", flush=True)
         levels = []
-        fresh = iter(load_urls)
-        for concurrency in args.concurrency:
+        for seed, concurrency in enumerate(args.concurrency, start=1):
             requests = max(args.requests, concurrency)
-            urls_for_level = [next(fresh) for _ in range(requests)]
-            level = asyncio.run(run_level(server, name, urls_for_level, concurrency, args.max_tokens))
+            level = run_level(server, name, checkpoint, concurrency, requests, seed, args)
             if level.failed:
                 print(f"  {level.failed} failed requests; first error: {level.first_error}", flush=True)
             levels.append(level)
@@ -548,9 +572,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     checkpoint = build_checkpoint()
     urls = {frames: video_url(frames) for frames in FRAME_COUNTS}
-    total_requests = sum(max(args.requests, c) for c in args.concurrency)
-    load_urls = [video_url(args.load_frames, VIDEO_SIZE[0] + 2 * (i + 1)) for i in range(total_requests)]
-    variants = [bench_variant(name, checkpoint, urls, load_urls, args) for name in args.variants]
+    variants = [bench_variant(name, checkpoint, urls, args) for name in args.variants]
     add_ratios(variants)
     total = time.perf_counter() - started
     import vllm
