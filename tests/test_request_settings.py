@@ -17,8 +17,8 @@ from vllm_stgridpool import plan
 PROMPT = "<|im_start|>user\n<video>\nWhat happens?<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def processor(onevision_checkpoint):
+def build_processor(checkpoint, settings: dict):
+    """The multimodal processor vLLM builds for ``checkpoint`` served with ``settings``."""
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
@@ -26,13 +26,18 @@ def processor(onevision_checkpoint):
 
     register()
     model_config = ModelConfig(
-        model=str(onevision_checkpoint),
-        hf_overrides={"stgridpool": {"max_frames": 64}},
+        model=str(checkpoint),
+        hf_overrides={"stgridpool": settings},
         dtype="float32",
         max_model_len=16384,
         limit_mm_per_prompt={"video": 1},
     )
     return MULTIMODAL_REGISTRY.create_processor(model_config)
+
+
+@pytest.fixture(scope="module")
+def processor(onevision_checkpoint):
+    return build_processor(onevision_checkpoint, {"max_frames": 64})
 
 
 @pytest.fixture(scope="module")
@@ -187,17 +192,7 @@ def test_a_budget_too_small_for_one_frame_is_refused_with_the_smallest_that_work
 
 
 def test_a_request_budget_above_the_servers_is_refused(onevision_checkpoint, frames):
-    from vllm.config import ModelConfig
-    from vllm.multimodal import MULTIMODAL_REGISTRY
-
-    model_config = ModelConfig(
-        model=str(onevision_checkpoint),
-        hf_overrides={"stgridpool": {"max_video_tokens": 4096}},
-        dtype="float32",
-        max_model_len=16384,
-        limit_mm_per_prompt={"video": 1},
-    )
-    budgeted = MULTIMODAL_REGISTRY.create_processor(model_config)
+    budgeted = build_processor(onevision_checkpoint, {"max_video_tokens": 4096})
     with pytest.raises(ValueError, match="from 1 to 4096"):
         process(budgeted, frames, {"max_video_tokens": 5000})
     long_video = np.random.default_rng(1).integers(0, 256, (64, 64, 80, 3), dtype=np.uint8)

@@ -270,25 +270,32 @@ def test_an_image_and_a_video_in_one_prompt(client, mp4_factory, onevision_check
     assert response.usage.prompt_tokens == expected["input_ids"].shape[1]
 
 
-def test_eight_concurrent_requests_mixing_frames_and_kernels(server, mp4_factory, text_tokens):
+def concurrent_prompt_tokens(server, requests: list[tuple]) -> list[int]:
+    """Send every (mp4 path, stgridpool object) request at once; their prompt token counts, in order."""
     import asyncio
-
-    cases = [(1, 2), (5, 3), (16, 2), (33, 3), (7, 2), (16, 3), (2, 2), (64, 3)]
-    per_frame = {2: 169, 3: 81}
 
     async def run() -> list[int]:
         aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0)
         async with aclient:
             replies = await asyncio.gather(*(
                 aclient.chat.completions.create(
-                    model="llava-video", messages=messages(data_url(mp4_factory(frames))), max_tokens=4,
-                    temperature=0.0, extra_body={"mm_processor_kwargs": {"stgridpool": {"kernel_size": kernel}}},
+                    model="llava-video", messages=messages(data_url(path)), max_tokens=2,
+                    temperature=0.0, extra_body={"mm_processor_kwargs": {"stgridpool": override}},
                 )
-                for frames, kernel in cases
+                for path, override in requests
             ))
         return [reply.usage.prompt_tokens for reply in replies]
 
-    counts = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_eight_concurrent_requests_mixing_frames_and_kernels(server, mp4_factory, text_tokens):
+    cases = [(1, 2), (5, 3), (16, 2), (33, 3), (7, 2), (16, 3), (2, 2), (64, 3)]
+    per_frame = {2: 169, 3: 81}
+
+    counts = concurrent_prompt_tokens(
+        server, [(mp4_factory(frames), {"kernel_size": kernel}) for frames, kernel in cases]
+    )
     assert counts == [text_tokens + frames * per_frame[kernel] + 1 for frames, kernel in cases]
 
 
@@ -306,8 +313,6 @@ def test_metrics_skip_requests_vllm_rejects(server, client, mp4_factory):
 
 def test_token_budgets_in_one_concurrent_batch(server, mp4_factory, text_tokens):
     """Several budgets and lengths at once: each video's tokens are what the README's rule predicts."""
-    import asyncio
-
     cases = [  # (mp4 frames, max_video_tokens, video tokens by the rule, budget-limited)
         (64, 4096, 24 * 169 + 1, True),  # 24 frames fit at kernel 2 (>= min_frames 16)
         (100, 4096, 24 * 169 + 1, True),  # sampled to 64 frames by the loader first
@@ -318,19 +323,10 @@ def test_token_budgets_in_one_concurrent_batch(server, mp4_factory, text_tokens)
     ]
     limited_before = metric(server, "stgridpool_budget_limited_videos_total")
 
-    async def run() -> list[int]:
-        aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0)
-        async with aclient:
-            replies = await asyncio.gather(*(
-                aclient.chat.completions.create(
-                    model="llava-video", messages=messages(data_url(mp4_factory(frames))), max_tokens=2,
-                    temperature=0.0, extra_body={"mm_processor_kwargs": {"stgridpool": {"max_video_tokens": budget}}},
-                )
-                for frames, budget, _, _ in cases
-            ))
-        return [reply.usage.prompt_tokens - text_tokens for reply in replies]
-
-    assert asyncio.run(run()) == [tokens for _, _, tokens, _ in cases]
+    counts = concurrent_prompt_tokens(
+        server, [(mp4_factory(frames), {"max_video_tokens": budget}) for frames, budget, _, _ in cases]
+    )
+    assert [count - text_tokens for count in counts] == [tokens for _, _, tokens, _ in cases]
     limited = sum(case[3] for case in cases)
     assert metric(server, "stgridpool_budget_limited_videos_total") - limited_before == limited
     assert "kept 24 frames at kernel_size 2 (budget-limited)" in server.log()
