@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 RUNNER = Path(__file__).with_name("engine_runner.py")
@@ -61,3 +63,33 @@ def _checked(results: list, expect_errors: set[int]) -> list:
         if not failed and index in expect_errors:
             raise AssertionError(f"batch {index} was expected to fail but gave {result}")
     return results
+
+
+def two_at_a_time(*calls) -> list[Future]:
+    """Run zero-argument ``calls`` two at a time; their finished futures, in order.
+
+    An engine's start-up is mostly one core importing Python in three
+    processes one after another, so on these 2-core machines two start-ups
+    side by side take little longer than one. ``future.result()`` is a call's
+    result or raises its failure, in the test that reads it.
+    """
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return [pool.submit(call) for call in calls]
+
+
+@contextmanager
+def servers_started(*launches):
+    """Run zero-argument ``launches`` (``start_server`` calls, or other runs) two at a time.
+
+    Yields their finished futures, in order (``.result()``: the server, or the
+    failure); stops every server that started when done.
+    """
+    from vllm_stgridpool.launch import Server
+
+    futures = two_at_a_time(*launches)
+    try:
+        yield futures
+    finally:
+        for future in futures:
+            if future.exception() is None and isinstance(future.result(), Server):
+                future.result().stop()

@@ -7,11 +7,13 @@ here from the grid, not from the plugin.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 from transformers import AutoTokenizer
 
 from tests.engine_runner import NEXT_VIDEO_PROMPT, PROMPT
-from tests.engines import run_engine
+from tests.engines import run_engine, two_at_a_time
 
 pytestmark = pytest.mark.engine
 
@@ -36,29 +38,65 @@ def text_tokens(checkpoint, prompt: str) -> int:
     return len(AutoTokenizer.from_pretrained(checkpoint)(prompt)["input_ids"]) - 1
 
 
+ACTIVE_BATCHES = [[{"frames": t}] for t in FRAME_COUNTS] + [
+    [{"frames": 16, "seed": 1}, {"frames": 10, "seed": 2}, {"frames": 5, "seed": 3}],  # 4
+    [{"frames": 10, "seed": 2}],  # 5
+    [{"frames": 5, "seed": 3}],  # 6
+    [{"frames": 16, "seed": 1}],  # 7
+    [{"frames": 16, "mm": {"stgridpool": {"kernel_size": 3}}}],  # 8
+    [{"frames": 16, "mm": {"stgridpool": {"kernel_size": 1}}}],  # 9: costs more: rejected
+    [{"frames": 65}],  # 10: more than max_frames
+    [{"frames": 16}, {"frames": 16, "mm": {"stgridpool": {"kernel_size": 3}}}],  # 11
+    [{"frames": 16, "mm": {"stgridpool": {"kernel_size": 0}}}],  # 12
+    [{"image": 5}],  # 13: images keep the stock path
+]
+STOCK_BATCHES = [[{"frames": 7}], [{"frames": 16, "seed": 4}], [{"image": 5}]]
+NEXT_VIDEO_BATCHES = [[{"frames": t}] for t in FRAME_COUNTS] + [
+    [{"frames": 16, "mm": {"stgridpool": {"kernel_size": 3}}}]
+]
+
+
 @pytest.fixture(scope="module")
-def onevision_active(onevision_checkpoint):
-    batches = [[{"frames": t}] for t in FRAME_COUNTS]
-    batches += [
-        [{"frames": 16, "seed": 1}, {"frames": 10, "seed": 2}, {"frames": 5, "seed": 3}],  # 4
-        [{"frames": 10, "seed": 2}],  # 5
-        [{"frames": 5, "seed": 3}],  # 6
-        [{"frames": 16, "seed": 1}],  # 7
-        [{"frames": 16, "mm": {"stgridpool": {"kernel_size": 3}}}],  # 8
-        [{"frames": 16, "mm": {"stgridpool": {"kernel_size": 1}}}],  # 9: costs more: rejected
-        [{"frames": 65}],  # 10: more than max_frames
-        [{"frames": 16}, {"frames": 16, "mm": {"stgridpool": {"kernel_size": 3}}}],  # 11
-        [{"frames": 16, "mm": {"stgridpool": {"kernel_size": 0}}}],  # 12
-        [{"image": 5}],  # 13: images keep the stock path
-    ]
-    return run_engine(
-        onevision_checkpoint,
-        batches,
-        plugins="stgridpool",
-        hf_overrides={"stgridpool": {}},
-        expect_errors={9, 10, 12},
-        llm_kwargs={"limit_mm_per_prompt": {"video": 3}},
-    )
+def engine_runs(onevision_checkpoint, next_video_checkpoint) -> dict:
+    """Every engine of the module (each in its own process: ``VLLM_PLUGINS`` is read once per process),
+    started two at a time; name -> finished future."""
+    onevision = functools.partial(run_engine, onevision_checkpoint)
+    runs = {
+        "active": lambda: onevision(
+            ACTIVE_BATCHES,
+            plugins="stgridpool",
+            hf_overrides={"stgridpool": {}},
+            expect_errors={9, 10, 12},
+            llm_kwargs={"limit_mm_per_prompt": {"video": 3}},
+        ),
+        "tensor_parallel_2": lambda: onevision(
+            [[{"frames": 16}]],
+            plugins="stgridpool",
+            hf_overrides={"stgridpool": {}},
+            llm_kwargs={"tensor_parallel_size": 2},
+            env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+        ),
+        "stock": lambda: onevision(STOCK_BATCHES, plugins=""),  # VLLM_PLUGINS allows nothing
+        "loaded_but_inactive": lambda: onevision(STOCK_BATCHES, plugins=None),
+        "disabled": lambda: onevision(
+            STOCK_BATCHES, plugins="stgridpool", hf_overrides={"stgridpool": {"enabled": False}}
+        ),
+        "next_video": lambda: run_engine(
+            next_video_checkpoint, NEXT_VIDEO_BATCHES, plugins="stgridpool", prompt=NEXT_VIDEO_PROMPT
+        ),
+    }
+    return dict(zip(runs, two_at_a_time(*runs.values())))
+
+
+@pytest.fixture(scope="module")
+def onevision_active(engine_runs):
+    return engine_runs["active"].result()
+
+
+@pytest.fixture(scope="module")
+def stock_onevision(engine_runs):
+    """vLLM without the plugin (``VLLM_PLUGINS`` allows nothing)."""
+    return engine_runs["stock"].result()
 
 
 def test_onevision_prompt_tokens_follow_the_formula(onevision_active, onevision_checkpoint):
@@ -107,51 +145,27 @@ def test_two_settings_in_one_batch(onevision_active, onevision_checkpoint):
     assert not same_answer(default, coarse)  # the kernel reached the model: other features, other logprobs
 
 
-STOCK_BATCHES = [[{"frames": 7}], [{"frames": 16, "seed": 4}], [{"image": 5}]]
-
-
-@pytest.fixture(scope="module")
-def stock_onevision(onevision_checkpoint):
-    """vLLM without the plugin (``VLLM_PLUGINS`` allows nothing)."""
-    return run_engine(onevision_checkpoint, STOCK_BATCHES, plugins="")
-
-
-def test_not_active_is_stock(onevision_checkpoint, stock_onevision):
-    loaded_but_inactive = run_engine(onevision_checkpoint, STOCK_BATCHES, plugins=None)
-    disabled = run_engine(
-        onevision_checkpoint, STOCK_BATCHES, plugins="stgridpool", hf_overrides={"stgridpool": {"enabled": False}}
-    )
+def test_not_active_is_stock(engine_runs, onevision_checkpoint, stock_onevision):
     text = text_tokens(onevision_checkpoint, PROMPT)
     assert stock_onevision[0][0]["prompt_len"] == text + 7 * 196 + 1
-    assert loaded_but_inactive == stock_onevision
-    assert disabled == stock_onevision
+    assert engine_runs["loaded_but_inactive"].result() == stock_onevision
+    assert engine_runs["disabled"].result() == stock_onevision
 
 
 def test_images_are_untouched(onevision_active, stock_onevision):
     assert onevision_active[13] == stock_onevision[2]
 
 
-def test_next_video_prompt_tokens_follow_the_formula(next_video_checkpoint):
-    batches = [[{"frames": t}] for t in FRAME_COUNTS]
-    batches.append([{"frames": 16, "mm": {"stgridpool": {"kernel_size": 3}}}])
-    results = run_engine(
-        next_video_checkpoint, batches, plugins="stgridpool", prompt=NEXT_VIDEO_PROMPT
-    )
+def test_next_video_prompt_tokens_follow_the_formula(engine_runs, next_video_checkpoint):
+    results = engine_runs["next_video"].result()
     text = text_tokens(next_video_checkpoint, NEXT_VIDEO_PROMPT)
     for t, result in zip(FRAME_COUNTS, results):
         assert result[0]["prompt_len"] == text + t * per_frame(24, 2), t
     assert results[-1][0]["prompt_len"] == text + 16 * per_frame(24, 3)
 
 
-def test_tensor_parallel_2_gives_the_same_tokens(onevision_active, onevision_checkpoint):
-    results = run_engine(
-        onevision_checkpoint,
-        [[{"frames": 16}]],
-        plugins="stgridpool",
-        hf_overrides={"stgridpool": {}},
-        llm_kwargs={"tensor_parallel_size": 2},
-        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
-    )
+def test_tensor_parallel_2_gives_the_same_tokens(engine_runs, onevision_active):
+    results = engine_runs["tensor_parallel_2"].result()
     assert same_answer(results[0][0], onevision_active[2][0], tol=1e-3)
 
 
