@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from tests.engines import two_at_a_time
 from vllm_stgridpool.launch import vllm_command
 
 pytestmark = pytest.mark.engine
@@ -68,10 +69,8 @@ def batch_line(custom_id: str, model: str, video_url: str, mm_processor_kwargs=N
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
 
 
-@pytest.fixture(scope="module")
-def run_batch(onevision_checkpoint, mp4_factory, tmp_path_factory):
+def vllm_run_batch(onevision_checkpoint, mp4_factory, folder: Path):
     """``vllm run-batch --plugins stgridpool`` over good and bad lines; the output lines by custom_id."""
-    folder = tmp_path_factory.mktemp("run_batch")
     media = folder / "media"
     media.mkdir()
     local_clip = shutil.copy(mp4_factory(8), media / "clip8.mp4")
@@ -101,6 +100,21 @@ def run_batch(onevision_checkpoint, mp4_factory, tmp_path_factory):
     by_id = {output["custom_id"]: output for output in outputs}
     assert len(by_id) == len(outputs) == len(lines)
     return by_id, done.stderr
+
+
+@pytest.fixture(scope="module")
+def batch_runs(onevision_checkpoint, mp4_factory, tmp_path_factory) -> dict:
+    """The module's two engines, ``vllm run-batch`` and the offline example, started side by side."""
+    runs = {
+        "run-batch": lambda: vllm_run_batch(onevision_checkpoint, mp4_factory, tmp_path_factory.mktemp("run_batch")),
+        "offline": lambda: offline_example(onevision_checkpoint, mp4_factory, tmp_path_factory.mktemp("offline")),
+    }
+    return dict(zip(runs, two_at_a_time(*runs.values())))
+
+
+@pytest.fixture(scope="module")
+def run_batch(batch_runs):
+    return batch_runs["run-batch"].result()
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +177,8 @@ OFFLINE_FRAMES = (16, 7, 5)
 EXAMPLE_QUESTION = "Describe the video."
 
 
-@pytest.fixture(scope="module")
-def offline_run(onevision_checkpoint, mp4_factory, tmp_path_factory):
+def offline_example(onevision_checkpoint, mp4_factory, folder: Path):
     """``examples/offline_video_batch.py`` on three clips: llm.chat, then llm.generate with k=2 and k=3."""
-    folder = tmp_path_factory.mktemp("offline")
     videos = [shutil.copy(mp4_factory(frames), folder / f"clip{frames}.mp4") for frames in OFFLINE_FRAMES]
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "offline_video_batch.py"), "--model", str(onevision_checkpoint),
@@ -176,6 +188,11 @@ def offline_run(onevision_checkpoint, mp4_factory, tmp_path_factory):
     assert done.returncode == 0, done.stderr[-6000:]
     answers = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     return answers, done.stderr
+
+
+@pytest.fixture(scope="module")
+def offline_run(batch_runs):
+    return batch_runs["offline"].result()
 
 
 def test_offline_chat_over_many_videos_costs_the_formula(offline_run, onevision_checkpoint):

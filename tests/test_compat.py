@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.engines import two_at_a_time
 import vllm_stgridpool.compat as compat
 from vllm_stgridpool import plugin
 from vllm_stgridpool.compat import Feature, Guard, media_fetch, model_redirect
@@ -156,9 +157,19 @@ def load_plugins(env: dict[str, str]) -> tuple[list[str], str]:
     return done.stdout.splitlines(), done.stdout + done.stderr
 
 
-def test_installed_next_to_unsupported_vllm_the_plugin_stays_out(unsupported_env):
+@pytest.fixture(scope="module")
+def loads_next_to_unsupported(unsupported_env) -> dict:
+    """Plugin loading next to the "0.34.0" vLLM, ``VLLM_PLUGINS`` unset and naming it, side by side."""
+    runs = {
+        "unset": lambda: load_plugins(unsupported_env),
+        "by name": lambda: load_plugins({**unsupported_env, "VLLM_PLUGINS": "stgridpool"}),
+    }
+    return dict(zip(runs, two_at_a_time(*runs.values())))
+
+
+def test_installed_next_to_unsupported_vllm_the_plugin_stays_out(loads_next_to_unsupported):
     """``VLLM_PLUGINS`` unset (every installed plugin loads): stock models, and the reason said once."""
-    lines, output = load_plugins(unsupported_env)
+    lines, output = loads_next_to_unsupported["unset"].result()
     assert "LOADED" in lines
     assert [line for line in lines if line.startswith("MODEL")] == [
         "MODEL vllm.model_executor.models.llava_onevision"
@@ -168,8 +179,8 @@ def test_installed_next_to_unsupported_vllm_the_plugin_stays_out(unsupported_env
     assert "the plugin is not active" in output
 
 
-def test_asked_for_by_name_next_to_unsupported_vllm_the_plugin_refuses(unsupported_env):
-    lines, output = load_plugins({**unsupported_env, "VLLM_PLUGINS": "stgridpool"})
+def test_asked_for_by_name_next_to_unsupported_vllm_the_plugin_refuses(loads_next_to_unsupported):
+    lines, output = loads_next_to_unsupported["by name"].result()
     raised = [line for line in lines if line.startswith("RAISED")]
     assert len(raised) == 1 and raised[0].startswith(
         "RAISED UnsupportedVLLMVersion vllm-stgridpool supports vLLM 0.32.x and 0.33.x, but vLLM 0.34.0 is installed"
@@ -188,16 +199,10 @@ def test_unsupported_vllm_refuses_the_plugin_while_stock_serving_works(unsupport
 
     model = build_tiny_qwen2(tmp_path / "tiny-qwen2")
     vllm_command = str(Path(sys.executable).with_name("vllm"))
-    refused = subprocess.run(
+    refusing = subprocess.Popen(  # runs while the stock server below starts
         [vllm_command, "serve", str(model), "--plugins", "stgridpool"],
-        env=unsupported_env, capture_output=True, text=True, timeout=300,
+        env=unsupported_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    assert refused.stderr.strip().splitlines()[-1] == (
-        "vllm: error: --plugins is an option of vllm-stgridpool, which is not active: vllm-stgridpool "
-        "supports vLLM 0.32.x and 0.33.x, but vLLM 0.34.0 is installed. Install a vllm-stgridpool "
-        "release made for this vLLM, or a supported vLLM; or run without --plugins"
-    )
     # Stock: vLLM's own server module (the CPU build's `vllm` command needs patch P1, which
     # is off here, exactly as without this project).
     port = free_port()
@@ -220,6 +225,13 @@ def test_unsupported_vllm_refuses_the_plugin_while_stock_serving_works(unsupport
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.load(response)
     assert answer["usage"]["completion_tokens"] == 3
+    _, refused = refusing.communicate(timeout=300)
+    assert refusing.returncode == 2, refused[-3000:]
+    assert refused.strip().splitlines()[-1] == (
+        "vllm: error: --plugins is an option of vllm-stgridpool, which is not active: vllm-stgridpool "
+        "supports vLLM 0.32.x and 0.33.x, but vLLM 0.34.0 is installed. Install a vllm-stgridpool "
+        "release made for this vLLM, or a supported vLLM; or run without --plugins"
+    )
     log = server.log()
     assert log.count("vllm-stgridpool supports vLLM 0.32.x and 0.33.x, but vLLM 0.34.0 is installed") == 1, log[-4000:]
 

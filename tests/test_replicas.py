@@ -29,7 +29,7 @@ import openai
 import pytest
 import torch
 
-from tests.engines import run_engine
+from tests.engines import run_engine, servers_started
 from tests.reference_layout import add_token_per_grid
 from tests.reference_stgridpool import st_gridpool_reference
 from vllm_stgridpool.launch import start_server
@@ -44,7 +44,7 @@ SERVER_ARGS = (
     "--plugins", "stgridpool",
     "--dtype", "float32",  # so vLLM and transformers agree token for token
     "--enforce-eager",
-    "--kv-cache-memory-bytes", str(1 << 30),
+    "--kv-cache-memory-bytes", str(256 << 20),  # many times what one 64-frame prompt of these replicas needs
 )
 NO_REDIRECT = {"VLLM_MODEL_REDIRECT_PATH": ""}  # the venv's demo alias file must not answer for these names
 
@@ -226,21 +226,41 @@ def hf_cache_with(checkpoint, repo_id: str, root):
     return root
 
 
+@pytest.fixture(scope="module")
+def launched(llava_video_replica, onevision_replica, next_video_replica, tmp_path_factory):
+    """The module's three servers and its engine run, started two at a time: name -> finished future."""
+    def serve(model, name: str, *args: str, env: dict[str, str]):
+        folder = tmp_path_factory.mktemp(name.replace("-", "_") + "_server")
+        return functools.partial(
+            start_server, model, *SERVER_ARGS, *args, env={**NO_REDIRECT, **env},
+            log_path=folder / "server.log", timeout=900,
+        )
+
+    # LLaVA-Video: no redirect file, offline, the replica in the hub cache as the published id.
+    cache = hf_cache_with(llava_video_replica, "llava-hf/LLaVA-Video-7B-Qwen2-hf", tmp_path_factory.mktemp("hub"))
+    launches = {
+        "llava-video": serve(
+            "llava-video", "llava-video", "--max-model-len", "16384",
+            env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)},
+        ),
+        "llava-onevision": serve(
+            onevision_replica, "llava-onevision", "--max-model-len", "16384",
+            "--served-model-name", "llava-onevision", env={},
+        ),
+        "llava-next-video": serve(next_video_replica, "llava-next-video", "--served-model-name", "llava-next-video", env={}),
+        "stock grid": functools.partial(stock_pooling_in_the_grid_layout, llava_video_replica),
+    }
+    with servers_started(*launches.values()) as futures:
+        yield dict(zip(launches, futures))
+
+
 class TestLlavaVideo:
     """``vllm serve llava-video --plugins stgridpool``: the published LLaVA-Video, in its grid layout."""
 
     @pytest.fixture(scope="class")
     @classmethod
-    def server(cls, llava_video_replica, tmp_path_factory):
-        """No redirect file, offline, the replica in the hub cache as the published id."""
-        folder = tmp_path_factory.mktemp("llava_video_server")
-        cache = hf_cache_with(llava_video_replica, "llava-hf/LLaVA-Video-7B-Qwen2-hf", folder / "hub")
-        env = {**NO_REDIRECT, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-        with start_server(
-            "llava-video", *SERVER_ARGS, "--max-model-len", "16384",
-            env=env, log_path=folder / "server.log", timeout=900,
-        ) as running:
-            yield running
+    def server(cls, launched):
+        return launched["llava-video"].result()
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -267,16 +287,21 @@ class TestLlavaVideo:
             ask(server, "llava-video", video, mm_processor_kwargs={"stgridpool": {"video_newline": "video"}})
 
 
-def test_stock_pooling_in_the_grid_layout_matches_transformers(llava_video_replica):
-    """``"enabled": false`` on LLaVA-Video: vLLM's bilinear pooling, LLaVA-Video's layout (the paper's baseline)."""
-    from tests.engine_runner import PROMPT, video
-
-    served = run_engine(
+def stock_pooling_in_the_grid_layout(llava_video_replica) -> dict:
+    """``"enabled": false`` on LLaVA-Video in an engine: its answer to a 16-frame video."""
+    return run_engine(
         llava_video_replica,
         [[{"frames": 16}]],
         plugins="stgridpool",
         hf_overrides={"stgridpool": {"enabled": False, "max_frames": 16}},  # profiles 16 frames, not 64
     )[0][0]
+
+
+def test_stock_pooling_in_the_grid_layout_matches_transformers(launched, llava_video_replica):
+    """``"enabled": false`` on LLaVA-Video: vLLM's bilinear pooling, LLaVA-Video's layout (the paper's baseline)."""
+    from tests.engine_runner import PROMPT, video
+
+    served = launched["stock grid"].result()
     reference = onevision_in_transformers(llava_video_replica, PROMPT, video(16, seed=0), kernel=None, layout="grid")
     assert served["prompt_len"] == reference["prompt_tokens"] == text_tokens(llava_video_replica) + 16 * 14 * 15
     answer = {
@@ -292,13 +317,8 @@ class TestOneVision:
 
     @pytest.fixture(scope="class")
     @classmethod
-    def server(cls, onevision_replica, tmp_path_factory):
-        folder = tmp_path_factory.mktemp("onevision_server")
-        with start_server(
-            onevision_replica, *SERVER_ARGS, "--max-model-len", "16384", "--served-model-name", "llava-onevision",
-            env=NO_REDIRECT, log_path=folder / "server.log", timeout=900,
-        ) as running:
-            yield running
+    def server(cls, launched):
+        return launched["llava-onevision"].result()
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -320,13 +340,8 @@ class TestNextVideo:
 
     @pytest.fixture(scope="class")
     @classmethod
-    def server(cls, next_video_replica, tmp_path_factory):
-        folder = tmp_path_factory.mktemp("next_video_server")
-        with start_server(
-            next_video_replica, *SERVER_ARGS, "--served-model-name", "llava-next-video",
-            env=NO_REDIRECT, log_path=folder / "server.log", timeout=900,
-        ) as running:
-            yield running
+    def server(cls, launched):
+        return launched["llava-next-video"].result()
 
     @pytest.fixture(scope="class")
     @classmethod

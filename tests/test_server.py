@@ -41,14 +41,16 @@ def server(onevision_checkpoint, tmp_path_factory):
     redirect.write_text(json.dumps({"llava-video": str(onevision_checkpoint)}))
     with start_server(
         "llava-video",
-        "--plugins", "stgridpool",
+        # An unknown name in the allowlist is ignored (test_plugins_option_reaches_every_server_process).
+        "--plugins", "stgridpool,no_such_plugin",
         "--max-model-len", "16384",
         "--kv-cache-memory-bytes", str(1 << 30),
         "--dtype", "float32",
         "--enforce-eager",
         "--limit-mm-per-prompt", json.dumps({"video": 2, "image": 1}),
         # No --trust-request-mm-kwargs: the plugin's own key needs no blanket trust (P6).
-        env={"VLLM_MODEL_REDIRECT_PATH": str(redirect), "VLLM_LOGGING_LEVEL": "DEBUG"},
+        # VLLM_PLUGINS from the environment is overridden by --plugins (P3) in every process.
+        env={"VLLM_MODEL_REDIRECT_PATH": str(redirect), "VLLM_LOGGING_LEVEL": "DEBUG", "VLLM_PLUGINS": "overridden"},
         log_path=folder / "server.log",
         timeout=600,
     ) as running:
@@ -78,6 +80,23 @@ def ask(client, video_path, **extra):
 
 def metric(server, name: str) -> float:
     return read_counter(server.get("/metrics"), name)
+
+
+def test_plugins_option_reaches_every_server_process(server):
+    """``--plugins`` (P3) is the allowlist of the engine core and the worker too, over ``VLLM_PLUGINS``.
+
+    The API server process loads plugins before its logging is set up:
+    test_cli.py checks the CLI process through the modules it imports.
+    """
+    text = server.log()
+    for line_prefix in ("(EngineCore pid=", "(VllmWorker-0 pid="):
+        assert any(
+            line.startswith(line_prefix) and "Loading plugin stgridpool" in line
+            for line in text.splitlines()
+        ), f"no allowlisted load logged by {line_prefix}...):\n{text[-4000:]}"
+    assert "Loading plugin no_such_plugin" not in text
+    assert "All plugins in this group will be loaded" not in text
+    assert "Loading plugin lora" not in text
 
 
 def test_video_request_costs_the_formula(client, mp4_factory, text_tokens):
