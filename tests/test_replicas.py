@@ -254,18 +254,24 @@ def launched(llava_video_replica, onevision_replica, next_video_replica, tmp_pat
         yield dict(zip(launches, futures))
 
 
-class TestLlavaVideo:
+class Served:
+    """Tests of one of the module's servers: ``name`` is its launch and its served model name."""
+
+    name: str
+
+    @pytest.fixture(scope="class")
+    def server(self, launched):
+        return launched[self.name].result()
+
+    @pytest.fixture(scope="class")
+    def answer(self, server, video):
+        return served_answer(ask(server, self.name, video))
+
+
+class TestLlavaVideo(Served):
     """``vllm serve llava-video --plugins stgridpool``: the published LLaVA-Video, in its grid layout."""
 
-    @pytest.fixture(scope="class")
-    @classmethod
-    def server(cls, launched):
-        return launched["llava-video"].result()
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def answer(cls, server, video):
-        return served_answer(ask(server, "llava-video", video))
+    name = "llava-video"
 
     def test_the_alias_names_the_published_checkpoint_before_anything_loads(self, server, answer):
         log = server.log()
@@ -312,18 +318,10 @@ def test_stock_pooling_in_the_grid_layout_matches_transformers(launched, llava_v
     assert_same_answer(answer, reference)
 
 
-class TestOneVision:
+class TestOneVision(Served):
     """The published LLaVA-OneVision-7B's structure: one newline per video, as vLLM and transformers serve it."""
 
-    @pytest.fixture(scope="class")
-    @classmethod
-    def server(cls, launched):
-        return launched["llava-onevision"].result()
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def answer(cls, server, video):
-        return served_answer(ask(server, "llava-onevision", video))
+    name = "llava-onevision"
 
     def test_64_frames_cost_one_newline_per_video(self, answer, onevision_replica):
         assert answer["prompt_tokens"] == text_tokens(onevision_replica) + FRAMES * 13 * 13 + 1
@@ -335,18 +333,10 @@ class TestOneVision:
         assert_same_answer(answer, reference)
 
 
-class TestNextVideo:
+class TestNextVideo(Served):
     """The published LLaVA-NeXT-Video-7B's structure: CLIP 24 x 24, pooled before the projector, no newline."""
 
-    @pytest.fixture(scope="class")
-    @classmethod
-    def server(cls, launched):
-        return launched["llava-next-video"].result()
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def answer(cls, server, video):
-        return served_answer(ask(server, "llava-next-video", video))
+    name = "llava-next-video"
 
     def test_64_frames_cost_the_formula(self, answer, next_video_replica):
         assert answer["prompt_tokens"] == text_tokens(next_video_replica) + FRAMES * 12 * 12
