@@ -165,6 +165,29 @@ def test_mosaic_placement_row_major():
             assert torch.all(m[2 * j:2 * j + 2] == j)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_area_window_pooling_is_area_interpolation(dtype):
+    """Wherever plan.area_window finds a plain pooling, it equals ATen's area interpolation bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    image = torch.randn(1, 40, 40, 16, generator=gen).to(dtype).permute(0, 3, 1, 2)  # channels-last
+    found = 0
+    for size in range(1, 41):
+        for out_size in range(1, size + 1):
+            window = plan_module.area_window(size, out_size)
+            if window is None:
+                continue
+            found += 1
+            kernel, stride, padding = window
+            x = image[:, :, :size, :]
+            want = torch.nn.functional.interpolate(x, size=(out_size, 40), mode="area")
+            got = torch.nn.functional.avg_pool2d(
+                x, (kernel, 1), (stride, 1), (padding, 0), count_include_pad=False
+            )
+            assert torch.equal(got, want), (size, out_size, window)
+    assert found > 300  # 329 of the 820 (size, out_size) pairs up to 40
+    assert plan_module.area_window(27, 14) == (3, 2, 1) and plan_module.area_window(27, 7) == (5, 4, 1)
+
+
 def test_mosaic_crop_27():
     """27 x 27, 2 x 2: tiles 14 x 14, mosaic 28 x 28 cropped to its top-left."""
     frames = [torch.full((27, 27, 2), float(v), dtype=torch.float64) for v in (1, 3, 5, 7)]

@@ -8,7 +8,9 @@ sweep over the frames: a few frames at a time are pooled (the norm pass and
 the weighted sum find them in cache) and the frames the pyramid samples are
 resized into mosaic tiles; mosaics live in a few reused buffers, and only
 frames whose final value is their own are pooled from the input. The input
-is never copied whole nor modified.
+is never copied whole nor modified. Under ``torch.compile`` the pooling of
+every frame is left to the compiler (it fuses it into two passes) and the
+pyramid with its mosaics' pooling runs as one opaque op, the eager code.
 
 Numerics, the same on every device and for every value the config accepts:
 sums run in at least float32 (PyTorch's reductions and area pooling
@@ -16,17 +18,21 @@ accumulate there); a token's score is its p-norm over ``D ** (1/p)``, and the
 softmax sees ``temperature * (score - reference)`` with the window's largest
 (``temperature >= 0``) or smallest score as reference, so every logit is
 <= 0 and the reference token's is exactly 0. Finite features give finite
-outputs: a norm or area sum beyond the accumulator's range saturates at the
-dtype's largest value (it never turns into inf or NaN).
+outputs: a norm beyond the accumulator's range saturates at the dtype's
+largest value, and the one pass that ends each pooled token maps what an
+overflowing area or weighted sum left (+-inf, or NaN where both signs met)
+to the dtype's largest value and 0.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from vllm_stgridpool.config import STGridPoolConfig
-from vllm_stgridpool.plan import Complete, Plan, PoolFrames, PoolMosaics, Resize, chunk_frames, make_plan
+from vllm_stgridpool.plan import Drop, Plan, PoolFrames, PoolMosaics, Resize, area_window, chunk_frames, make_plan
 
 __all__ = ["st_gridpool", "apply_plan", "norm_pool"]
 
@@ -40,54 +46,95 @@ def st_gridpool(x: torch.Tensor, config: STGridPoolConfig | None = None) -> torc
     _check_features(x, config)
     batched = x.dim() == 5
     videos = x if batched else x.unsqueeze(0)
-    _, num_frames, height, width, dim = videos.shape
-    # Eager: a few frames per segment, so each segment's passes find it in cache.
-    # Compiled: one segment, so the graph stays small (the compiler fuses the passes).
-    eager = not torch.compiler.is_compiling()
-    chunk = chunk_frames(height, width, dim, videos.element_size()) if eager else num_frames
-    plan = _constant_plan(num_frames, height, width, config, chunk)
-    out = apply_plan(videos, plan, config.temperature, config.norm_p)
+    if torch.compiler.is_compiling():
+        out = _compiled_stage(videos, config)
+    else:
+        _, num_frames, height, width, dim = videos.shape
+        plan = make_plan(num_frames, height, width, config, chunk_frames(height, width, dim, videos.element_size()))
+        out = apply_plan(videos, plan, config.temperature, config.norm_p)
     return out if batched else out.squeeze(0)
-
-
-@torch.compiler.assume_constant_result
-def _constant_plan(num_frames: int, height: int, width: int, config: STGridPoolConfig, chunk: int) -> Plan:
-    """The plan, seen by ``torch.compile`` as a constant (it depends on shapes and config only)."""
-    return make_plan(num_frames, height, width, config, chunk)
 
 
 def apply_plan(videos: torch.Tensor, plan: Plan, temperature: float, norm_p: float) -> torch.Tensor:
     """Run PTG then NSP on ``videos`` (B, T, H, W, D) following ``plan``'s steps, one video after another."""
-    batch, num_frames, height, width, dim = videos.shape
-    # Eager code writes into the output in place; compiled code gets each video's output
-    # as a fresh tensor, which the compiler fuses better than writes into views.
-    out = None if torch.compiler.is_compiling() else videos.new_empty(batch, num_frames, *plan.out_grid, dim)
-    pool = dict(kernel_size=plan.kernel_size, temperature=temperature, norm_p=norm_p)
+    batch, num_frames, _, _, dim = videos.shape
+    out = videos.new_empty(batch, num_frames, *plan.out_grid, dim)
+    for frames, pooled in zip(videos.unbind(0), out.unbind(0)):
+        _run_steps(frames, plan, pooled, dict(kernel_size=plan.kernel_size, temperature=temperature, norm_p=norm_p))
+    return out
+
+
+def _run_steps(frames: torch.Tensor, plan: Plan, pooled: torch.Tensor, pool: dict, mosaics_only: bool = False) -> None:
+    """One video's steps, written into ``pooled`` in place: (T, H', W', D), or with ``mosaics_only``
+    (len(plan.replaced), H', W', D), the pooled mosaics in ``plan.replaced`` order."""
+    height, width, dim = frames.shape[1:]
+    row = {frame: i for i, frame in enumerate(plan.replaced)} if mosaics_only else None
     free: list[torch.Tensor] = []  # buffers of consumed mosaics, reused for later ones
-    results = []
-    for index, frames in enumerate(videos.unbind(0)):
-        pooled = None if out is None else out[index]
-        mosaics: dict[int, torch.Tensor] = {}  # (H, W, D) buffer of each mosaic being built or read
-        for step in plan.steps:
-            if isinstance(step, PoolFrames) and pooled is None:  # compiled: the whole video, one step
-                pooled = norm_pool(frames, **pool)
-            elif isinstance(step, PoolFrames):
-                _norm_pool_into(frames[step.start : step.stop], pooled[step.start : step.stop], **pool)
-            elif isinstance(step, Resize):
-                for place in (place for places in step.places for place in places):
-                    if place.mosaic not in mosaics:  # its first tile: take a buffer
-                        mosaics[place.mosaic] = free.pop() if free else frames.new_empty(height, width, dim)
-                _resize_into(frames if step.from_input else mosaics, step, mosaics)
-            elif isinstance(step, Complete):
-                _saturate(mosaics[step.mosaic])
-            elif isinstance(step, PoolMosaics) and len(step.mosaics) == 1:
-                _norm_pool_into(mosaics[step.mosaics[0]], pooled[step.frames[0]], **pool)
-            elif isinstance(step, PoolMosaics):
-                _put(pooled, step.frames, norm_pool(torch.stack([mosaics[m] for m in step.mosaics]), **pool))
-            else:
-                free.extend(mosaics.pop(mosaic) for mosaic in step.mosaics)
-        results.append(pooled)
-    return out if out is not None else torch.stack(results)
+    mosaics: dict[int, torch.Tensor] = {}  # (H, W, D) buffer of each mosaic being built or read
+    for step in plan.steps:
+        if isinstance(step, PoolFrames) and not mosaics_only:
+            _norm_pool_into(frames[step.start : step.stop], pooled[step.start : step.stop], **pool)
+        elif isinstance(step, Resize):
+            for place in (place for places in step.places for place in places):
+                if place.mosaic not in mosaics:  # its first tile: take a buffer
+                    mosaics[place.mosaic] = free.pop() if free else frames.new_empty(height, width, dim)
+            _resize_into(frames if step.from_input else mosaics, step, mosaics)
+        elif isinstance(step, PoolMosaics):
+            for mosaic, frame in zip(step.mosaics, step.frames):
+                _norm_pool_into(mosaics[mosaic], pooled[frame if row is None else row[frame]], **pool)
+        elif isinstance(step, Drop):
+            free.extend(mosaics.pop(mosaic) for mosaic in step.mosaics)
+
+
+def _compiled_stage(videos: torch.Tensor, config: STGridPoolConfig) -> torch.Tensor:
+    """Under ``torch.compile``: NSP of every frame as code the compiler fuses, then the mosaics' rows.
+
+    The compiler turns NSP into two passes over the features, but it
+    schedules the many small steps of PTG poorly (every mosaic held at once,
+    the frames read again long after they left the cache), so PTG and the
+    pooling of the mosaics run as one opaque op, the eager code above.
+    """
+    pooled = norm_pool(videos, config.kernel_size, config.temperature, config.norm_p)
+    replaced = _replaced_frames(*videos.shape[1:4], config)
+    if replaced:
+        mosaics = pooled_mosaics(videos, list(config.grid_sizes), list(config.grid_strides), config.kernel_size,
+                                 config.temperature, config.norm_p, len(replaced))
+        pooled.index_copy_(1, torch.tensor(replaced, device=videos.device), mosaics)
+    return pooled
+
+
+@torch.compiler.assume_constant_result
+def _replaced_frames(num_frames: int, height: int, width: int, config: STGridPoolConfig) -> tuple[int, ...]:
+    """The frames whose final value is a mosaic: a constant to ``torch.compile`` (shapes and config only)."""
+    return make_plan(num_frames, height, width, config).replaced
+
+
+@torch.library.custom_op("stgridpool::pooled_mosaics", mutates_args=())
+def pooled_mosaics(
+    videos: torch.Tensor, grid_sizes: list[int], grid_strides: list[int], kernel_size: int, temperature: float,
+    norm_p: float, num_replaced: int,
+) -> torch.Tensor:
+    """NSP of the ``num_replaced`` mosaics that replace frames of (B, T, H, W, D) ``videos``: (B, num_replaced, H', W', D)."""
+    plan = _mosaics_plan(videos, grid_sizes, grid_strides, kernel_size)
+    batch, dim = videos.shape[0], videos.shape[-1]
+    out = videos.new_empty(batch, len(plan.replaced), *plan.out_grid, dim)
+    pool = dict(kernel_size=kernel_size, temperature=temperature, norm_p=norm_p)
+    for frames, pooled in zip(videos.unbind(0), out.unbind(0)):
+        _run_steps(frames, plan, pooled, pool, mosaics_only=True)
+    return out
+
+
+@pooled_mosaics.register_fake
+def _(videos, grid_sizes, grid_strides, kernel_size, temperature, norm_p, num_replaced):
+    out_grid = STGridPoolConfig(kernel_size=kernel_size).output_grid(videos.shape[2], videos.shape[3])
+    return videos.new_empty(videos.shape[0], num_replaced, *out_grid, videos.shape[-1])
+
+
+def _mosaics_plan(videos: torch.Tensor, grid_sizes: list[int], grid_strides: list[int], kernel_size: int) -> Plan:
+    """The eager plan of ``videos`` for a pyramid and kernel (temperature and norm_p do not change it)."""
+    _, num_frames, height, width, dim = videos.shape
+    config = STGridPoolConfig(grid_sizes=tuple(grid_sizes), grid_strides=tuple(grid_strides), kernel_size=kernel_size)
+    return make_plan(num_frames, height, width, config, chunk_frames(height, width, dim, videos.element_size()))
 
 
 def _resize_into(frames, step: Resize, mosaics: dict[int, torch.Tensor]) -> None:
@@ -100,14 +147,13 @@ def _resize_into(frames, step: Resize, mosaics: dict[int, torch.Tensor]) -> None
     if tuple(frames.shape[1:3]) == size:  # a one-frame mosaic is the frame itself
         tiles = [frames[row] for row in rows]
     else:
-        tiles = area_tiles(frames, list(rows), size[0], size[1])
+        tiles = _area_tiles(frames, rows, size[0], size[1])
     for tile, places in zip(tiles, step.places):
         for p in places:
             mosaics[p.mosaic][p.top : p.top + p.rows, p.left : p.left + p.cols].copy_(tile[: p.rows, : p.cols])
 
 
-@torch.library.custom_op("stgridpool::area_tiles", mutates_args=())
-def area_tiles(frames: torch.Tensor, rows: list[int], height: int, width: int) -> list[torch.Tensor]:
+def _area_tiles(frames: torch.Tensor, rows: tuple[int, ...], height: int, width: int) -> list[torch.Tensor]:
     """``frames[rows]`` (each (H, W, D)) resized to (height, width) by area interpolation: (h, w, D) tiles.
 
     Tiles are never larger than the frame, so the spec's "area when
@@ -115,45 +161,19 @@ def area_tiles(frames: torch.Tensor, rows: list[int], height: int, width: int) -
     is the identity). Area interpolation is adaptive average pooling, which
     sums in float32 and rounds once to the input dtype on every device.
     One frame viewed channels-last (D innermost) is pooled in place, without
-    the copy a strided batch of frames would need. An
-    opaque op, so compiled code runs this kernel rather than a generated one
-    (several times slower in bfloat16).
+    the copy a strided batch of frames would need. Where the area windows
+    are those of a plain average pooling (:func:`plan.area_window`), that
+    op computes the same sums and divisions, faster.
     """
-    return [
-        F.adaptive_avg_pool2d(frames[row].unsqueeze(0).permute(0, 3, 1, 2), (height, width))[0].permute(1, 2, 0)
-        for row in rows  # (1, D, H, W) with D innermost: channels-last, pooled in place
-    ]
-
-
-@area_tiles.register_fake
-def _(frames: torch.Tensor, rows: list[int], height: int, width: int) -> list[torch.Tensor]:
-    return [frames.new_empty(height, width, frames.shape[-1]) for _ in rows]
-
-
-def _saturate(mosaic: torch.Tensor) -> None:
-    """Make a mosaic finite in place: an area sum beyond the accumulator's range saturates.
-
-    Only features within 1/(window area) of the dtype's largest value
-    overflow a window sum (27 -> 14 windows hold up to 9 tokens): the sum
-    becomes +-inf, or NaN where overflows of both signs meet. Those become
-    the dtype's largest value (with the sign) and 0; every other value is
-    untouched.
-    """
-    limit = torch.finfo(mosaic.dtype).max
-    torch.nan_to_num_(mosaic, nan=0.0, posinf=limit, neginf=-limit)
-
-
-def _take(frames: torch.Tensor, rows: tuple[int, ...]) -> torch.Tensor:
-    """``frames[rows]``: a strided view when the rows are evenly spaced, else a gather."""
-    step = rows[1] - rows[0] if len(rows) > 1 else 1
-    if step > 0 and all(b - a == step for a, b in zip(rows, rows[1:])):
-        return frames[rows[0] : rows[-1] + 1 : step]
-    return frames.index_select(0, torch.tensor(rows, device=frames.device))
-
-
-def _put(out: torch.Tensor, rows: tuple[int, ...], values: torch.Tensor) -> None:
-    """``out[rows] = values``, in place (compiled code writes these rows only, not a copy of ``out``)."""
-    out.index_put_((torch.tensor(rows, device=out.device),), values)
+    rows_window, cols_window = area_window(frames.shape[1], height), area_window(frames.shape[2], width)
+    if rows_window is None or cols_window is None:
+        resize = functools.partial(F.adaptive_avg_pool2d, output_size=(height, width))
+    else:
+        kernel, stride, padding = zip(rows_window, cols_window)
+        resize = functools.partial(F.avg_pool2d, kernel_size=kernel, stride=stride, padding=padding,
+                                   count_include_pad=False)
+    # (1, D, H, W) with D innermost: channels-last, pooled in place.
+    return [resize(frames[row].unsqueeze(0).permute(0, 3, 1, 2))[0].permute(1, 2, 0) for row in rows]
 
 
 def norm_pool(x: torch.Tensor, kernel_size: int, temperature: float, norm_p: float) -> torch.Tensor:
@@ -171,20 +191,20 @@ def _norm_pool_into(
     """NSP of ``x`` (..., H, W, D) written into ``out`` (..., H', W', D)."""
     k = kernel_size
     out_h, out_w = out.shape[-3], out.shape[-2]
-    x = x[..., : out_h * k, : out_w * k, :]
-    score = _scores(x, norm_p)
-    lead = score.shape[:-2]
-    windows = score.reshape(*lead, out_h, k, out_w, k).transpose(-3, -2).reshape(*lead, out_h, out_w, k * k)
-    reference = windows.amax(-1, keepdim=True) if temperature >= 0 else windows.amin(-1, keepdim=True)
-    logits = (windows - reference).mul_(temperature)  # <= 0 (or -inf), 0 at the reference
+    # (..., H', W', k, k, D): a view of the windows, so the scores come out window by window.
+    windows = x[..., : out_h * k, : out_w * k, :].unflatten(-3, (out_h, k)).unflatten(-2, (out_w, k)).transpose(-4, -3)
+    score = _scores(windows, norm_p).flatten(-2)  # (..., H', W', k * k), fresh and contiguous
+    reference = score.amax(-1, keepdim=True) if temperature >= 0 else score.amin(-1, keepdim=True)
+    logits = score.sub_(reference).mul_(temperature)  # <= 0 (or -inf), 0 at the reference
     weights = torch.softmax(logits, dim=-1).to(x.dtype)
     # One strided view per window offset, accumulated in place into ``out``.
-    torch.mul(x[..., 0::k, 0::k, :], weights[..., 0, None], out=out)
+    torch.mul(windows[..., 0, 0, :], weights[..., 0, None], out=out)
     for j in range(1, k * k):
-        a, b = divmod(j, k)
-        out.addcmul_(x[..., a::k, b::k, :], weights[..., j, None])
+        out.addcmul_(windows[..., j // k, j % k, :], weights[..., j, None])
+    # The weights may sum to 1 + a few ulps, and an area sum in a mosaic may have overflowed:
+    # whatever is not finite becomes the dtype's largest value (with its sign), or 0 for NaN.
     limit = torch.finfo(out.dtype).max
-    out.clamp_(-limit, limit)  # weights may sum to 1 + a few ulps: a window at the dtype's max stays finite
+    torch.nan_to_num_(out, nan=0.0, posinf=limit, neginf=-limit)
 
 
 def _scores(x: torch.Tensor, norm_p: float) -> torch.Tensor:
