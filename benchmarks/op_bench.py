@@ -133,11 +133,11 @@ def ratio(times: dict[str, list[float]], name: str) -> float:
 
 
 PARTS = (
-    ("norm pass", ("linalg_vector_norm", "amax", "amin", "maximum", "pow", "mean", "div", "abs")),
-    ("weights", ("softmax", "sub", "stack")),
-    ("weighted sum", ("addcmul", "mul")),
-    ("resize", ("adaptive_avg_pool2d", "upsample_bilinear2d")),
-    ("tiling", ("copy", "index_copy", "index_select", "nan_to_num", "clamp")),
+    ("norm pass", ("linalg_vector_norm", "amax", "amin", "maximum", "pow", "mean", "div", "abs", "clamp")),
+    ("weights", ("softmax", "sub")),
+    ("weighted sum", ("addcmul", "mul", "nan_to_num")),
+    ("resize", ("adaptive_avg_pool2d", "avg_pool2d", "upsample_bilinear2d")),
+    ("tiling", ("copy", "index_copy", "index_select", "index_put", "stack")),
     ("allocation", ("empty", "empty_strided", "new_empty", "empty_like", "resize")),
 )
 
