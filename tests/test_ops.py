@@ -521,8 +521,7 @@ class CountElements(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        # stgridpool::area_tiles takes the whole video but reads a few frames; the ops inside it count.
-        if not func.is_view and "empty" not in func.__name__ and func.namespace != "stgridpool":
+        if not func.is_view and "empty" not in func.__name__:
             tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor) and t.dim() > 0]
             self.elements += sum(t.numel() for t in tensors)
         return out
