@@ -157,7 +157,7 @@ def make_plan(
     """Plan ST-GridPool for a (num_frames, height, width) video, ``chunk`` frames per segment; cached.
 
     Per segment of frames: pool the frames that stay input frames (a single
-    segment, as compiled code uses, pools them all in one step), resize
+    segment pools them all in one step), resize
     the segment's sampled input frames into their mosaics' tiles, then, frame
     by frame, feed each completed mosaic to the levels above, and last pool
     the mosaics that are final values. Slots are taken in this order and
@@ -236,8 +236,9 @@ def make_plan(
 def _input_runs(final: list[int], start: int, stop: int) -> list[tuple[int, int]]:
     """Runs of frames in [start, stop) whose final value is the input frame, as (first, stop) pairs.
 
-    A segment that is the whole video is one run: compiled code pools every
-    frame in one fused pass and the mosaics overwrite their frames after.
+    A segment that is the whole video (a small one) is one run: one pooling
+    call over every frame costs less than several, and the mosaics overwrite
+    their frames after.
     """
     if start == 0 and stop == len(final):
         return [(0, stop)]
