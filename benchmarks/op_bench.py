@@ -41,6 +41,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from memory_peak import peak_bytes  # noqa: E402
 from reference_stgridpool import st_gridpool_reference  # noqa: E402
 
 from vllm_stgridpool import STGridPoolConfig, st_gridpool  # noqa: E402
@@ -160,20 +161,6 @@ def breakdown(fn) -> dict[str, float]:
         parts[part] += event.self_cpu_time_total / 1e3
     parts["total"] = sum(parts.values())
     return {k: round(v, 2) for k, v in parts.items()}
-
-
-def peak_bytes(fn) -> int:
-    """Most bytes allocated at once during ``fn()`` (from the profiler's allocation events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    held = peak = 0
-    for _, nbytes in events:
-        held += nbytes
-        peak = max(peak, held)
-    return peak
 
 
 def run_case(dim: int, dtype: torch.dtype, cfg: STGridPoolConfig, stock, rounds: int) -> Case:

@@ -11,12 +11,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from memory_peak import peak_bytes  # noqa: E402
 from reference_stgridpool import (  # noqa: E402
     build_mosaic,
     mosaic_layout,
@@ -498,20 +498,6 @@ def test_config_frozen():
 # --------------------------------------------------------------------------
 
 
-def measured_peak_bytes(fn) -> int:
-    """Most bytes held at once during ``fn()``, from the profiler's record of every CPU allocation and free."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    held = peak = 0
-    for _, nbytes in events:
-        held += nbytes
-        peak = max(peak, held)
-    return peak
-
-
 class CountElements(TorchDispatchMode):
     """Elements read plus written by every aten op that computes (views and bare allocations excluded)."""
 
@@ -544,7 +530,7 @@ def test_stage_cost_bounds_the_stage(values, dtype, shape):
     x = randn(*shape, seed=12, dtype=torch.float32).to(dtype)
     with torch.inference_mode():
         st_gridpool(x, cfg)  # warm: plan cached, lazy imports done
-        peak = measured_peak_bytes(lambda: st_gridpool(x, cfg))
+        peak = peak_bytes(lambda: st_gridpool(x, cfg))
         with CountElements() as counted:
             st_gridpool(x, cfg)
     cost = plan_module.stage_cost(*shape, cfg, x.element_size())
