@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml Makefile patches/vllm_stgridpool_boot.pth
 demo: setup
 	$(BIN)/python -m vllm_stgridpool.demo
 
+# Two workers, one test module each at a time: most modules wait on vLLM start-ups that use one core.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # vLLM 0.33 (CUDA build only) checked without a GPU: its wheel without dependencies, next to
 # the CPU torch, in a venv of its own; what needs CUDA or a CPU engine is listed in README.md.
