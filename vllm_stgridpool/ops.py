@@ -49,24 +49,27 @@ def st_gridpool(x: torch.Tensor, config: STGridPoolConfig | None = None) -> torc
     if torch.compiler.is_compiling():
         out = _compiled_stage(videos, config)
     else:
-        _, num_frames, height, width, dim = videos.shape
-        plan = make_plan(num_frames, height, width, config, chunk_frames(height, width, dim, videos.element_size()))
-        out = apply_plan(videos, plan, config.temperature, config.norm_p)
+        out = apply_plan(videos, _eager_plan(videos, config), config.temperature, config.norm_p)
     return out if batched else out.squeeze(0)
 
 
-def apply_plan(videos: torch.Tensor, plan: Plan, temperature: float, norm_p: float) -> torch.Tensor:
-    """Run PTG then NSP on ``videos`` (B, T, H, W, D) following ``plan``'s steps, one video after another."""
+def apply_plan(
+    videos: torch.Tensor, plan: Plan, temperature: float, norm_p: float, mosaics_only: bool = False
+) -> torch.Tensor:
+    """Run PTG then NSP on ``videos`` (B, T, H, W, D) following ``plan``'s steps, one video after another.
+
+    (B, T, H', W', D); with ``mosaics_only``, (B, len(plan.replaced), H', W', D): the pooled mosaics alone.
+    """
     batch, num_frames, _, _, dim = videos.shape
-    out = videos.new_empty(batch, num_frames, *plan.out_grid, dim)
+    out = videos.new_empty(batch, len(plan.replaced) if mosaics_only else num_frames, *plan.out_grid, dim)
+    pool = dict(kernel_size=plan.kernel_size, temperature=temperature, norm_p=norm_p)
     for frames, pooled in zip(videos.unbind(0), out.unbind(0)):
-        _run_steps(frames, plan, pooled, dict(kernel_size=plan.kernel_size, temperature=temperature, norm_p=norm_p))
+        _run_steps(frames, plan, pooled, pool, mosaics_only)
     return out
 
 
-def _run_steps(frames: torch.Tensor, plan: Plan, pooled: torch.Tensor, pool: dict, mosaics_only: bool = False) -> None:
-    """One video's steps, written into ``pooled`` in place: (T, H', W', D), or with ``mosaics_only``
-    (len(plan.replaced), H', W', D), the pooled mosaics in ``plan.replaced`` order."""
+def _run_steps(frames: torch.Tensor, plan: Plan, pooled: torch.Tensor, pool: dict, mosaics_only: bool) -> None:
+    """One video's steps, written into ``pooled`` in place (rows as :func:`apply_plan` says)."""
     height, width, dim = frames.shape[1:]
     row = {frame: i for i, frame in enumerate(plan.replaced)} if mosaics_only else None
     free: list[torch.Tensor] = []  # buffers of consumed mosaics, reused for later ones
@@ -115,13 +118,9 @@ def pooled_mosaics(
     norm_p: float, num_replaced: int,
 ) -> torch.Tensor:
     """NSP of the ``num_replaced`` mosaics that replace frames of (B, T, H, W, D) ``videos``: (B, num_replaced, H', W', D)."""
-    plan = _mosaics_plan(videos, grid_sizes, grid_strides, kernel_size)
-    batch, dim = videos.shape[0], videos.shape[-1]
-    out = videos.new_empty(batch, len(plan.replaced), *plan.out_grid, dim)
-    pool = dict(kernel_size=kernel_size, temperature=temperature, norm_p=norm_p)
-    for frames, pooled in zip(videos.unbind(0), out.unbind(0)):
-        _run_steps(frames, plan, pooled, pool, mosaics_only=True)
-    return out
+    config = STGridPoolConfig(grid_sizes=tuple(grid_sizes), grid_strides=tuple(grid_strides), kernel_size=kernel_size)
+    plan = _eager_plan(videos, config)  # temperature and norm_p do not change the plan
+    return apply_plan(videos, plan, temperature, norm_p, mosaics_only=True)
 
 
 @pooled_mosaics.register_fake
@@ -130,10 +129,9 @@ def _(videos, grid_sizes, grid_strides, kernel_size, temperature, norm_p, num_re
     return videos.new_empty(videos.shape[0], num_replaced, *out_grid, videos.shape[-1])
 
 
-def _mosaics_plan(videos: torch.Tensor, grid_sizes: list[int], grid_strides: list[int], kernel_size: int) -> Plan:
-    """The eager plan of ``videos`` for a pyramid and kernel (temperature and norm_p do not change it)."""
+def _eager_plan(videos: torch.Tensor, config: STGridPoolConfig) -> Plan:
+    """The plan eager code runs on (B, T, H, W, D) ``videos``: segments of a few frames (cached)."""
     _, num_frames, height, width, dim = videos.shape
-    config = STGridPoolConfig(grid_sizes=tuple(grid_sizes), grid_strides=tuple(grid_strides), kernel_size=kernel_size)
     return make_plan(num_frames, height, width, config, chunk_frames(height, width, dim, videos.element_size()))
 
 

@@ -323,7 +323,7 @@ def _plan_cost(plan: Plan, dim: int, itemsize: int, norm_p: float) -> StageCost:
 
     def pool(frames: int) -> tuple[int, int]:
         tokens = frames * out_h * k * out_w * k
-        temp = 3 * tokens * compute + (tokens * dim * compute if scaled else 0)  # scores, their flat copy, weights
+        temp = 3 * tokens * compute + (tokens * dim * compute if scaled else 0)  # scores, weights, weights in the input dtype
         moved = frames * (2 * frame + pooled_out)  # the norm pass and the weighted sum read, the output written
         if scaled:
             moved += 4 * frames * frame  # max, min, the scaled copy written and read
