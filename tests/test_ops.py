@@ -392,6 +392,21 @@ def test_low_precision_close_to_float32(dtype, tol):
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_grad_mode_gives_the_inference_values_and_no_graph(compiled):
+    """vLLM's CPU warm-up runs the model with grad enabled on features that require grad: the stage must not raise."""
+    torch._dynamo.reset()
+    cfg = STGridPoolConfig()
+    x = randn(16, 27, 27, 8, seed=8, dtype=torch.float32).requires_grad_()
+    stage = torch.compile(lambda v: st_gridpool(v, cfg), fullgraph=True) if compiled else (lambda v: st_gridpool(v, cfg))
+    with torch.enable_grad():
+        got = stage(x)
+    with torch.inference_mode():
+        want = st_gridpool(x.detach(), cfg)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_batch_equals_per_video():
     cfg = make_config((4, 3), (2, 3), kernel_size=2, temperature=-1.5, norm_p=1.0)
     x = randn(3, 20, 11, 9, 5, seed=7)

@@ -41,15 +41,20 @@ def st_gridpool(x: torch.Tensor, config: STGridPoolConfig | None = None) -> torc
     """ST-GridPool of (T, H, W, D) or (B, T, H, W, D) features -> (.., T, H', W', D).
 
     Each video of a batch is pooled on its own: PTG never mixes videos.
+    The stage is training-free and computes no gradients, whatever the grad
+    mode (vLLM's CPU warm-up runs the model with grad enabled; the stage's
+    in-place writes and opaque op have no backward): the output never
+    requires grad.
     """
     config = STGridPoolConfig() if config is None else config
     _check_features(x, config)
     batched = x.dim() == 5
     videos = x if batched else x.unsqueeze(0)
-    if torch.compiler.is_compiling():
-        out = _compiled_stage(videos, config)
-    else:
-        out = apply_plan(videos, _eager_plan(videos, config), config.temperature, config.norm_p)
+    with torch.no_grad():
+        if torch.compiler.is_compiling():
+            out = _compiled_stage(videos, config)
+        else:
+            out = apply_plan(videos, _eager_plan(videos, config), config.temperature, config.norm_p)
     return out if batched else out.squeeze(0)
 
 
