@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import msgspec
+from gauge_peaks import KV_CACHE_USAGE, RUNNING_REQUESTS, GaugePeaks  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "batch_bench"
@@ -92,31 +93,6 @@ class Report(msgspec.Struct):
 # ---------------------------------------------------------------- one variant (child process)
 
 
-class GaugePeaks:
-    """Samples vLLM's gauges from ``llm.get_metrics()`` in a thread while the batch runs."""
-
-    def __init__(self, llm, interval: float = 0.1):
-        self.llm, self.interval = llm, interval
-        self.peaks = {"vllm:kv_cache_usage_perc": 0.0, "vllm:num_requests_running": 0.0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for metric in self.llm.get_metrics():
-                if metric.name in self.peaks:
-                    self.peaks[metric.name] = max(self.peaks[metric.name], float(metric.value))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> GaugePeaks:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def engine_cpu_seconds() -> float:
     """CPU time of this process and every process under it (engine core, worker).
 
@@ -133,6 +109,11 @@ def engine_cpu_seconds() -> float:
             continue
         total += times.user + times.system
     return total
+
+
+def llm_gauges(llm) -> dict[str, float]:
+    """The offline engine's KV-cache usage and running requests."""
+    return {m.name: float(m.value) for m in llm.get_metrics() if m.name in (KV_CACHE_USAGE, RUNNING_REQUESTS)}
 
 
 def run_variant(job: dict) -> dict:
@@ -163,7 +144,7 @@ def run_variant(job: dict) -> dict:
         for path in job["videos"]
     ]
     params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True)
-    with GaugePeaks(llm) as gauges:
+    with GaugePeaks(lambda: llm_gauges(llm), interval=0.1) as gauges:
         started, cpu_started = time.perf_counter(), engine_cpu_seconds()
         outputs = llm.chat(conversations, params)  # vLLM's own progress bar
         wall, cpu = time.perf_counter() - started, engine_cpu_seconds() - cpu_started
@@ -185,8 +166,8 @@ def run_variant(job: dict) -> dict:
         prompt_tokens_total=sum(prompt_tokens),
         kv_cache_tokens=kv_tokens,
         max_concurrent_videos=cache.num_gpu_blocks // blocks_per_video,
-        peak_kv_cache_usage=gauges.peaks["vllm:kv_cache_usage_perc"],
-        peak_running_requests=int(gauges.peaks["vllm:num_requests_running"]),
+        peak_kv_cache_usage=gauges.peaks[KV_CACHE_USAGE],
+        peak_running_requests=int(gauges.peaks[RUNNING_REQUESTS]),
         preemptions=int(counters.get("vllm:num_preemptions", 0)),
     )
 

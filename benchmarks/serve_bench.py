@@ -39,13 +39,13 @@ import platform
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import msgspec
 
+from gauge_peaks import KV_CACHE_USAGE, RUNNING_REQUESTS, GaugePeaks  # noqa: E402 (benchmarks/ is on sys.path)
 from vllm_stgridpool.launch import Server, start_server, vllm_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,6 +207,12 @@ def _cache_config_info(metrics_text: str) -> dict[str, str]:
     raise RuntimeError("/metrics has no vllm:cache_config_info")
 
 
+def _server_gauges(server: Server) -> dict[str, float]:
+    """The server's KV-cache usage and running requests, from its /metrics."""
+    text = server.get("/metrics")
+    return {name: _gauge(text, name) for name in (KV_CACHE_USAGE, RUNNING_REQUESTS)}
+
+
 def _gauge(metrics_text: str, name: str) -> float:
     total = 0.0
     for line in metrics_text.splitlines():
@@ -322,7 +328,7 @@ def run_level(server: Server, name: str, checkpoint: Path, concurrency: int, req
     ]
     print(f"  {name} c={concurrency}: vllm bench serve, {requests} requests", flush=True)
     env = {**os.environ, "VLLM_PLUGINS": "", "NO_PROXY": "127.0.0.1,localhost"}  # a client: no plugin needed
-    with MetricsPeaks(server) as peaks:
+    with GaugePeaks(lambda: _server_gauges(server), interval=0.25) as gauges:
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0 or not result_file.exists():
         print(done.stdout[-4000:], file=sys.stderr)
@@ -342,38 +348,10 @@ def run_level(server: Server, name: str, checkpoint: Path, concurrency: int, req
         e2e_p50_s=result["p50_e2el_ms"] / 1000,
         e2e_p99_s=result["p99_e2el_ms"] / 1000,
         prompt_tokens=max(lens, default=0),
-        peak_running_requests=int(peaks.peaks["running"]),
-        peak_kv_cache_usage=peaks.peaks["kv"],
+        peak_running_requests=int(gauges.peaks[RUNNING_REQUESTS]),
+        peak_kv_cache_usage=gauges.peaks[KV_CACHE_USAGE],
         first_error=errors[0] if errors else None,
     )
-
-
-class MetricsPeaks:
-    """Peaks of the running-requests and KV-usage gauges, from /metrics every 0.25 s in a thread."""
-
-    def __init__(self, server: Server):
-        self.server = server
-        self.peaks = {"running": 0.0, "kv": 0.0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            try:
-                text = self.server.get("/metrics")
-                self.peaks["running"] = max(self.peaks["running"], _gauge(text, "vllm:num_requests_running"))
-                self.peaks["kv"] = max(self.peaks["kv"], _gauge(text, "vllm:kv_cache_usage_perc"))
-            except OSError:
-                pass
-            self._stop.wait(0.25)
-
-    def __enter__(self) -> MetricsPeaks:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def bench_variant(name, checkpoint, urls, args) -> VariantResult:
