@@ -57,3 +57,17 @@ def mp4_factory(tmp_path_factory):
         return written[key]
 
     return make
+
+
+@pytest.fixture(params=["fused", "ops"])
+def nsp_path(request):
+    """Runs a test on the fused CPU kernel and on the PyTorch-ops path (the path of every other device)."""
+    from vllm_stgridpool import native
+
+    if request.param == "ops":
+        with native.disabled():
+            yield request.param
+    else:
+        if native.load() is None:
+            pytest.skip("the fused CPU kernel could not be built here (tests/test_native.py says why)")
+        yield request.param

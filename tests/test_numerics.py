@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from reference_stgridpool import ptg, ptg_level, st_gridpool_reference  # noqa: E402
 
 from vllm_stgridpool import STGridPoolConfig, st_gridpool  # noqa: E402
+from vllm_stgridpool import native  # noqa: E402
 from vllm_stgridpool.config import (  # noqa: E402
     MAX_ABS_TEMPERATURE,
     MAX_GRID_SIZE,
@@ -132,7 +133,7 @@ def test_non_finite_numbers_are_refused(values):
         STGridPoolConfig.from_dict(values)
 
 
-def test_every_kernel_size_is_finite():
+def test_every_kernel_size_is_finite(nsp_path):
     height, width = 7, 9
     for kernel_size in range(1, min(height, width) + 1):
         config = STGridPoolConfig.from_dict({"kernel_size": kernel_size, "norm_p": 2.0})
@@ -186,6 +187,8 @@ def test_any_accepted_setting_is_finite(case):
     """Property: over the whole accepted space, adversarial features in float32, bfloat16 and float16 stay finite."""
     config, shape, dtype, seed = case
     assert_finite(config, adversarial(shape, dtype, seed))
+    with native.disabled():  # the PyTorch-ops path, every other device's
+        assert_finite(config, adversarial(shape, dtype, seed))
 
 
 # --------------------------------------------------------------------------
@@ -252,7 +255,7 @@ def test_mosaics_are_the_float32_result_rounded(dtype, grid_sizes, grid_strides)
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kernel_size, temperature", [(2, 1.0), (3, -2.0), (2, 0.5)])
-def test_outputs_within_the_dtype_rounding(dtype, kernel_size, temperature):
+def test_outputs_within_the_dtype_rounding(dtype, kernel_size, temperature, nsp_path):
     """Pooled tokens differ from the float64 reference by at most ~1 ulp of the window's largest |x|.
 
     The score is rounded to the dtype once (relative error eps / 2, times

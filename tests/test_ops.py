@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from reference_stgridpool import (  # noqa: E402
 
 from vllm_stgridpool import STGridPoolConfig, st_gridpool  # noqa: E402
 from vllm_stgridpool import plan as plan_module  # noqa: E402
+from vllm_stgridpool import native  # noqa: E402
 
 P_VALUES = (0.5, 1.0, 2.0, 3.0, 2.5)
 
@@ -88,6 +90,9 @@ def cases(draw):
     }
 
 
+# NSP runs in the fused CPU kernel where it applies, else as PyTorch ops (every other device): both are checked.
+NSP_PATHS = {"fused": contextlib.nullcontext, "ops": native.disabled}
+
 PAPER_16 = dict(T=16, H=27, W=27, D=4, grid_sizes=[4, 4, 4], grid_strides=[2, 4, 8],
                 kernel_size=2, temperature=1.0, norm_p=2.0, seed=1)
 PAPER_64 = dict(PAPER_16, T=64, D=3, seed=2)
@@ -105,12 +110,14 @@ def test_matches_reference(case):
     cfg = make_config(case["grid_sizes"], case["grid_strides"], case["kernel_size"],
                       case["temperature"], case["norm_p"])
     x = randn(case["T"], case["H"], case["W"], case["D"], seed=case["seed"])
-    got = st_gridpool(x, cfg)
     want = reference(x, cfg)
-    assert got.shape == want.shape
-    assert got.dtype == torch.float64
-    err = (got - want).abs().max().item() if want.numel() else 0.0
-    assert err <= 1e-9, f"max abs error {err} for {case}"
+    for path, context in NSP_PATHS.items():
+        with context():
+            got = st_gridpool(x, cfg)
+        assert got.shape == want.shape
+        assert got.dtype == torch.float64
+        err = (got - want).abs().max().item() if want.numel() else 0.0
+        assert err <= 1e-9, f"max abs error {err} for {case} on the {path} path"
 
 
 # --------------------------------------------------------------------------
@@ -371,7 +378,7 @@ def test_meta_device():
 
 
 @pytest.mark.parametrize("shape", [(16, 27, 27, 8), (2, 9, 24, 24, 4)])
-def test_compile_fullgraph_matches_eager(shape):
+def test_compile_fullgraph_matches_eager(shape, nsp_path):
     """fullgraph=True raises on any graph break."""
     torch._dynamo.reset()
     cfg = STGridPoolConfig()
@@ -382,7 +389,7 @@ def test_compile_fullgraph_matches_eager(shape):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
-def test_low_precision_close_to_float32(dtype, tol):
+def test_low_precision_close_to_float32(dtype, tol, nsp_path):
     """Same rounded input: bf16 within 3e-2, fp16 within 5e-3 (abs and rel) of float32."""
     cfg = STGridPoolConfig()
     x = randn(32, 27, 27, 16, seed=6, dtype=torch.float32).to(dtype)
@@ -407,7 +414,7 @@ def test_grad_mode_gives_the_inference_values_and_no_graph(compiled):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_batch_equals_per_video():
+def test_batch_equals_per_video(nsp_path):
     cfg = make_config((4, 3), (2, 3), kernel_size=2, temperature=-1.5, norm_p=1.0)
     x = randn(3, 20, 11, 9, 5, seed=7)
     y = st_gridpool(x, cfg)
@@ -417,7 +424,7 @@ def test_batch_equals_per_video():
         torch.testing.assert_close(y[b], reference(x[b], cfg), rtol=0, atol=1e-9)
 
 
-def test_input_untouched_and_non_contiguous():
+def test_input_untouched_and_non_contiguous(nsp_path):
     cfg = STGridPoolConfig()
     x = randn(16, 27, 27, 6, seed=8)
     keep = x.clone()
@@ -540,16 +547,21 @@ class CountElements(TorchDispatchMode):
     ],
 )
 def test_stage_cost_bounds_the_stage(values, dtype, shape):
-    """peak_bytes bounds the measured peak (output included) within 1.5x; work is 40-100% of every element touched."""
+    """On the PyTorch-ops path, peak_bytes bounds the measured peak (output included) within 1.5x and work is
+    40-100% of every element touched; the fused CPU kernel's peak stays under the same bound."""
     cfg = STGridPoolConfig.from_dict(values)
     x = randn(*shape, seed=12, dtype=torch.float32).to(dtype)
     with torch.inference_mode():
-        st_gridpool(x, cfg)  # warm: plan cached, lazy imports done
-        peak = peak_bytes(lambda: st_gridpool(x, cfg))
-        with CountElements() as counted:
+        st_gridpool(x, cfg)  # warm: plan cached, lazy imports done, kernel built
+        fused_peak = peak_bytes(lambda: st_gridpool(x, cfg))
+        with native.disabled():
             st_gridpool(x, cfg)
+            peak = peak_bytes(lambda: st_gridpool(x, cfg))
+            with CountElements() as counted:
+                st_gridpool(x, cfg)
     cost = plan_module.stage_cost(*shape, cfg, x.element_size())
     assert peak <= cost.peak_bytes <= 1.5 * peak, (peak, cost.peak_bytes)
+    assert fused_peak <= cost.peak_bytes, (fused_peak, cost.peak_bytes)
     # The count also sees the weighted sum accumulating into its output, which work leaves out.
     assert 0.4 * counted.elements <= cost.work <= counted.elements, (cost.work, counted.elements)
 

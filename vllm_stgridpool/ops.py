@@ -31,6 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from vllm_stgridpool import native
 from vllm_stgridpool.config import STGridPoolConfig
 from vllm_stgridpool.plan import Drop, Plan, PoolFrames, PoolMosaics, Resize, area_window, chunk_frames, make_plan
 
@@ -95,18 +96,22 @@ def _run_steps(frames: torch.Tensor, plan: Plan, pooled: torch.Tensor, pool: dic
 
 
 def _compiled_stage(videos: torch.Tensor, config: STGridPoolConfig) -> torch.Tensor:
-    """Under ``torch.compile``: NSP of every frame as code the compiler fuses, then the mosaics' rows.
+    """Under ``torch.compile``: the eager stage as one opaque op where the fused CPU kernel applies; elsewhere
+    NSP of every frame as code the compiler fuses, then the mosaics' rows.
 
-    The compiler turns NSP into two passes over the features, but it
-    schedules the many small steps of PTG poorly (every mosaic held at once,
-    the frames read again long after they left the cache), so PTG and the
-    pooling of the mosaics run as one opaque op, the eager code above.
+    The compiler turns NSP into two passes over the features (the fused
+    kernel takes one), and it schedules the many small steps of PTG poorly
+    (every mosaic held at once, the frames read again long after they left
+    the cache), so PTG and the pooling of the mosaics run as the eager code.
     """
+    plan_args = (list(config.grid_sizes), list(config.grid_strides), config.kernel_size, config.temperature,
+                 config.norm_p)
+    if _fused_kernel_applies(videos.device.type, videos.dtype):
+        return eager_stage(videos, *plan_args, False, videos.shape[1])
     pooled = norm_pool(videos, config.kernel_size, config.temperature, config.norm_p)
     replaced = _replaced_frames(*videos.shape[1:4], config)
     if replaced:
-        mosaics = pooled_mosaics(videos, list(config.grid_sizes), list(config.grid_strides), config.kernel_size,
-                                 config.temperature, config.norm_p, len(replaced))
+        mosaics = eager_stage(videos, *plan_args, True, len(replaced))
         pooled.index_copy_(1, torch.tensor(replaced, device=videos.device), mosaics)
     return pooled
 
@@ -117,21 +122,28 @@ def _replaced_frames(num_frames: int, height: int, width: int, config: STGridPoo
     return make_plan(num_frames, height, width, config).replaced
 
 
-@torch.library.custom_op("stgridpool::pooled_mosaics", mutates_args=())
-def pooled_mosaics(
+@torch.compiler.assume_constant_result
+def _fused_kernel_applies(device_type: str, dtype: torch.dtype) -> bool:
+    """A constant to ``torch.compile``: whether the eager stage would run on the fused CPU kernels."""
+    return native.applies(device_type, dtype)
+
+
+@torch.library.custom_op("stgridpool::eager_stage", mutates_args=())
+def eager_stage(
     videos: torch.Tensor, grid_sizes: list[int], grid_strides: list[int], kernel_size: int, temperature: float,
-    norm_p: float, num_replaced: int,
+    norm_p: float, mosaics_only: bool, rows: int,
 ) -> torch.Tensor:
-    """NSP of the ``num_replaced`` mosaics that replace frames of (B, T, H, W, D) ``videos``: (B, num_replaced, H', W', D)."""
+    """The eager stage on (B, T, H, W, D) ``videos`` as one op: (B, rows, H', W', D), every frame (rows = T)
+    or, with ``mosaics_only``, the ``rows`` pooled mosaics that replace frames."""
     config = STGridPoolConfig(grid_sizes=tuple(grid_sizes), grid_strides=tuple(grid_strides), kernel_size=kernel_size)
     plan = _eager_plan(videos, config)  # temperature and norm_p do not change the plan
-    return apply_plan(videos, plan, temperature, norm_p, mosaics_only=True)
+    return apply_plan(videos, plan, temperature, norm_p, mosaics_only=mosaics_only)
 
 
-@pooled_mosaics.register_fake
-def _(videos, grid_sizes, grid_strides, kernel_size, temperature, norm_p, num_replaced):
+@eager_stage.register_fake
+def _(videos, grid_sizes, grid_strides, kernel_size, temperature, norm_p, mosaics_only, rows):
     out_grid = STGridPoolConfig(kernel_size=kernel_size).output_grid(videos.shape[2], videos.shape[3])
-    return videos.new_empty(videos.shape[0], num_replaced, *out_grid, videos.shape[-1])
+    return videos.new_empty(videos.shape[0], rows, *out_grid, videos.shape[-1])
 
 
 def _eager_plan(videos: torch.Tensor, config: STGridPoolConfig) -> Plan:
@@ -141,19 +153,26 @@ def _eager_plan(videos: torch.Tensor, config: STGridPoolConfig) -> Plan:
 
 
 def _resize_into(frames, step: Resize, mosaics: dict[int, torch.Tensor]) -> None:
-    """Area-resize ``step``'s source frames (rows of a tensor, or mosaics) and copy each tile into its places."""
+    """Area-resize ``step``'s source frames (rows of a tensor, or mosaics) into each tile's places."""
     size = step.size
     if isinstance(frames, dict):  # one completed mosaic
         frames, rows = frames[step.sources[0]].unsqueeze(0), (0,)
     else:
         rows = step.sources
+    slots = [[mosaics[p.mosaic][p.top : p.top + p.rows, p.left : p.left + p.cols] for p in places]
+             for places in step.places]
     if tuple(frames.shape[1:3]) == size:  # a one-frame mosaic is the frame itself
         tiles = [frames[row] for row in rows]
+    elif native.resizes(frames):  # straight into the places, no tile in between
+        for row, places in zip(rows, slots):
+            native.area_resize_into(frames[row], places, *size)
+        return
     else:
         tiles = _area_tiles(frames, rows, size[0], size[1])
-    for tile, places in zip(tiles, step.places):
-        for p in places:
-            mosaics[p.mosaic][p.top : p.top + p.rows, p.left : p.left + p.cols].copy_(tile[: p.rows, : p.cols])
+    for tile, places in zip(tiles, slots):
+        for slot in places:
+            rows_cols = slot.shape[:2]
+            slot.copy_(tile if rows_cols == tile.shape[:2] else tile[: rows_cols[0], : rows_cols[1]])
 
 
 def _area_tiles(frames: torch.Tensor, rows: tuple[int, ...], height: int, width: int) -> list[torch.Tensor]:
@@ -175,8 +194,9 @@ def _area_tiles(frames: torch.Tensor, rows: tuple[int, ...], height: int, width:
         kernel, stride, padding = zip(rows_window, cols_window)
         resize = functools.partial(F.avg_pool2d, kernel_size=kernel, stride=stride, padding=padding,
                                    count_include_pad=False)
-    # (1, D, H, W) with D innermost: channels-last, pooled in place.
-    return [resize(frames[row].unsqueeze(0).permute(0, 3, 1, 2))[0].permute(1, 2, 0) for row in rows]
+    # (N, D, H, W) with D innermost: one frame of it is channels-last, pooled in place.
+    channels = frames.permute(0, 3, 1, 2)
+    return [resize(channels[row : row + 1])[0].permute(1, 2, 0) for row in rows]
 
 
 def norm_pool(x: torch.Tensor, kernel_size: int, temperature: float, norm_p: float) -> torch.Tensor:
@@ -191,19 +211,29 @@ def norm_pool(x: torch.Tensor, kernel_size: int, temperature: float, norm_p: flo
 def _norm_pool_into(
     x: torch.Tensor, out: torch.Tensor, kernel_size: int, temperature: float, norm_p: float
 ) -> None:
-    """NSP of ``x`` (..., H, W, D) written into ``out`` (..., H', W', D)."""
+    """NSP of ``x`` (..., H, W, D) written into ``out`` (..., H', W', D).
+
+    Written for few op calls (each costs microseconds of dispatch, and a
+    video takes some thirty calls): the scores come from one reduction over
+    the token grid, and the window offsets from two ``unbind``.
+    """
+    if native.pools(x, out, norm_p):
+        native.norm_pool_into(x, out, kernel_size, temperature, norm_p)
+        return
     k = kernel_size
     out_h, out_w = out.shape[-3], out.shape[-2]
-    # (..., H', W', k, k, D): a view of the windows, so the scores come out window by window.
-    windows = x[..., : out_h * k, : out_w * k, :].unflatten(-3, (out_h, k)).unflatten(-2, (out_w, k)).transpose(-4, -3)
-    score = _scores(windows, norm_p).flatten(-2)  # (..., H', W', k * k), fresh and contiguous
+    grid = x[..., : out_h * k, : out_w * k, :]  # the tokens that windows cover
+    # (..., H', W', k * k): a small copy of the scores, window by window.
+    score = _scores(grid, norm_p).unflatten(-1, (out_w, k)).unflatten(-3, (out_h, k)).transpose(-3, -2).flatten(-2)
     reference = score.amax(-1, keepdim=True) if temperature >= 0 else score.amin(-1, keepdim=True)
     logits = score.sub_(reference).mul_(temperature)  # <= 0 (or -inf), 0 at the reference
-    weights = torch.softmax(logits, dim=-1).to(x.dtype)
-    # One strided view per window offset, accumulated in place into ``out``.
-    torch.mul(windows[..., 0, 0, :], weights[..., 0, None], out=out)
-    for j in range(1, k * k):
-        out.addcmul_(windows[..., j // k, j % k, :], weights[..., j, None])
+    weights = torch.softmax(logits, dim=-1).to(x.dtype).unsqueeze(-1).unbind(-2)  # k * k of (..., H', W', 1)
+    # (..., H', W', D) views, one per window offset, row-major; accumulated in place into ``out``.
+    rows = grid.unflatten(-2, (out_w, k)).unflatten(-4, (out_h, k)).unbind(-4)
+    tokens = [token for row in rows for token in row.unbind(-2)]
+    torch.mul(tokens[0], weights[0], out=out)
+    for token, weight in zip(tokens[1:], weights[1:]):
+        out.addcmul_(token, weight)
     # The weights may sum to 1 + a few ulps, and an area sum in a mosaic may have overflowed:
     # whatever is not finite becomes the dtype's largest value (with its sign), or 0 for NaN.
     limit = torch.finfo(out.dtype).max

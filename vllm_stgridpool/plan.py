@@ -304,8 +304,11 @@ def stage_cost(
     tiles) and shrink with the kernel, so a server can refuse per-request
     settings that cost more than its own setting at ``max_frames``.
     ``itemsize`` is the features' bytes per element (4 for float32). This is
-    the eager stage, as vLLM runs it; under ``torch.compile`` the pyramid
-    runs as this same eager code, after the compiler's pooling of every frame.
+    the eager stage on its PyTorch-ops path, as vLLM runs it on every device
+    (under ``torch.compile`` the pyramid runs as this same eager code, after
+    the compiler's pooling of every frame); the fused CPU kernel
+    (:mod:`vllm_stgridpool.native`) reads each window once and holds no
+    scores, so it stays under both bounds.
     """
     plan = make_plan(num_frames, height, width, config, chunk_frames(height, width, dim, itemsize))
     return _plan_cost(plan, dim, itemsize, config.norm_p)

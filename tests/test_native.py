@@ -1,0 +1,148 @@
+"""The fused CPU kernel for NSP (vllm_stgridpool/native.py, csrc/norm_pool.cpp).
+
+Expected values come from the plain per-window reference in float64 and
+from the PyTorch-ops path; the kernel must be built wherever a C++
+compiler exists, and the stage must keep serving where it cannot be built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from reference_stgridpool import nsp as reference_nsp  # noqa: E402
+
+from vllm_stgridpool import STGridPoolConfig, native, st_gridpool  # noqa: E402
+from vllm_stgridpool.ops import norm_pool  # noqa: E402
+
+
+def randn(*shape, seed, dtype=torch.float64, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def test_kernel_is_built_where_a_compiler_exists():
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler: the PyTorch-ops path serves")
+    assert native.load() is not None
+    assert native.applies("cpu", torch.float32) and native.applies("cpu", torch.bfloat16)
+    assert not native.applies("meta", torch.float32)
+    assert not native.applies("cpu", torch.float16)  # float16 keeps the PyTorch-ops path
+    x = torch.zeros(2, 4, 4, 3)
+    assert native.pools(x, x, 2.0) and not native.pools(x, x, 3.0)  # so do norms other than 1 and 2
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 5])
+@pytest.mark.parametrize("temperature, norm_p", [(1.0, 2.0), (-2.5, 1.0), (0.0, 2.0), (30.0, 2.0), (-1e6, 1.0)])
+def test_float64_equals_the_reference(kernel_size, temperature, norm_p):
+    x = randn(3, 11, 13, 7, seed=kernel_size)
+    assert native.pools(x, x, norm_p)
+    got = norm_pool(x, kernel_size, temperature, norm_p)
+    want = reference_nsp(x, kernel_size, temperature, norm_p)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("dtype, ulps_allowed", [(torch.float32, 2.0), (torch.bfloat16, 1.0)])
+@pytest.mark.parametrize("kernel_size, temperature", [(2, 1.0), (3, -2.0), (2, 0.5)])
+def test_reduced_precision_within_its_rounding(dtype, ulps_allowed, kernel_size, temperature):
+    """Error against float64 NSP on the same rounded input, in ulps of the window's largest |x|: bfloat16 sums in
+    float32 and rounds once (<= 1); float32 rounds at each of the k * k multiply-adds (<= 2, measured 1.07)."""
+    x = randn(8, 27, 27, 64, seed=3, dtype=dtype)
+    got = norm_pool(x, kernel_size, temperature, 2.0).double()
+    want = reference_nsp(x.double(), kernel_size, temperature, 2.0)
+    out_h, out_w = want.shape[1:3]
+    windows = x.double()[:, : out_h * kernel_size, : out_w * kernel_size].abs()
+    largest = windows.unflatten(1, (out_h, kernel_size)).unflatten(3, (out_w, kernel_size)).amax(dim=(2, 4))
+    ulps = (got - want).abs() / (torch.finfo(dtype).eps * largest)
+    assert ulps.max().item() <= ulps_allowed
+
+
+def test_strided_views_are_read_and_written_in_place():
+    """The stage hands the kernel frame ranges of a video and rows of a larger output: strides are honoured."""
+    video = randn(6, 27, 29, 16, seed=4, dtype=torch.float32)
+    view = video[1:5, 2:, 1:28]  # (4, 25, 27, 16), D still innermost
+    big = torch.full((4, 15, 16, 16), 7.0)
+    out = big[:, 1:13, 2:15]  # (4, 12, 13, 16) inside a larger tensor
+    assert native.pools(view, out, 2.0)
+    native.norm_pool_into(view, out, 2, 1.0, 2.0)
+    with native.disabled():
+        want = norm_pool(view, 2, 1.0, 2.0)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    untouched = torch.ones_like(big, dtype=torch.bool)
+    untouched[:, 1:13, 2:15] = False
+    assert (big[untouched] == 7.0).all()  # nothing written outside the view
+    assert torch.equal(video, randn(6, 27, 29, 16, seed=4, dtype=torch.float32))  # input unmodified
+
+
+def test_d_not_innermost_takes_the_ops_path():
+    x = randn(2, 8, 8, 6, seed=5, dtype=torch.float32).transpose(-1, -2)  # stride(-1) != 1
+    out = torch.empty(2, 4, 3, 8)
+    assert not native.pools(x, out, 2.0)
+    torch.testing.assert_close(norm_pool(x, 2, 1.0, 2.0), reference_nsp(x.double(), 2, 1.0, 2.0).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_features_stay_finite(dtype):
+    """Tokens at the dtype's largest value (norms and sums overflow), NaN and inf in a window: finite outputs."""
+    largest = torch.finfo(dtype).max
+    x = torch.full((2, 4, 4, 32), largest, dtype=dtype)
+    x[0, 0, 1] = -largest
+    x[1, 0, 0, 0] = float("nan")
+    x[1, 2, 2, 5] = float("inf")
+    out = norm_pool(x, 2, 1.0, 2.0)
+    assert torch.isfinite(out).all()
+    assert out[0, 1, 1].eq(largest).all()  # a window of largest values pools to the largest value
+
+
+def test_a_failed_build_warns_once_and_the_stage_serves(monkeypatch, caplog):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(native, "_build", no_compiler)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_kernels", None)
+    x = randn(8, 27, 27, 4, seed=6)
+    cfg = STGridPoolConfig()
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        first = st_gridpool(x, cfg)
+        second = st_gridpool(x, cfg)
+    warnings = [r for r in caplog.records if "could not be built" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler found" in warnings[0].getMessage()
+    assert torch.equal(first, second)
+    with native.disabled():
+        assert torch.equal(first, st_gridpool(x, cfg))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_area_resize_is_area_interpolation_bit_for_bit(dtype):
+    """Every shrink up to 30 x 30 (but to 1 x 1, which ATen computes as a mean) equals F.interpolate(mode="area"),
+    written into each place cropped to its rows and columns, nothing outside."""
+    import torch.nn.functional as F
+
+    checked = 0
+    for height in range(1, 31, 3):
+        for width in (1, 2, 7, 13, 27, 30):
+            x = randn(height, width, 9, seed=height * 31 + width, dtype=dtype, scale=5.0)
+            for out_h in sorted({1, 2, (height + 1) // 2, height} - {0}):
+                for out_w in sorted({1, 2, (width + 1) // 2, width} - {0}):
+                    if (out_h, out_w) == (1, 1) or out_h > height or out_w > width:
+                        continue
+                    want = F.interpolate(x.permute(2, 0, 1)[None], size=(out_h, out_w), mode="area")[0].permute(1, 2, 0)
+                    canvas = torch.full((out_h + 1, 2 * out_w + 1, 9), 7.0, dtype=dtype)
+                    whole, cropped = canvas[:out_h, :out_w], canvas[1:, out_w + 1 : 2 * out_w]
+                    assert native.resizes(x[None])
+                    native.area_resize_into(x, [whole, cropped], out_h, out_w)
+                    assert torch.equal(whole, want) and torch.equal(cropped, want[:, : out_w - 1])
+                    written = torch.zeros(canvas.shape[:2], dtype=torch.bool)
+                    written[:out_h, :out_w] = written[1:, out_w + 1 : 2 * out_w] = True
+                    assert (canvas[~written] == 7.0).all()
+                    checked += 1
+    assert checked > 200

@@ -1,0 +1,92 @@
+// area_resize_into: a CPU frame resized by area interpolation (the windows
+// [floor(i * H / h), ceil((i + 1) * H / h)) of adaptive average pooling),
+// written straight into its places in the mosaics, each cropped to its
+// rows and columns: no tile is materialised and copied. Each output sums
+// its window row by row in float32 (float64 for float64) and divides by the
+// window's height, then by its width, as ATen's adaptive average pooling
+// does, so the result is area interpolation's bit for bit (its 1 x 1 output,
+// a mean, may differ in the last bit).
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "dtypes.h"
+
+namespace stgridpool {
+namespace {
+
+template <typename T>
+void resize(const at::Tensor& frame, const std::vector<at::Tensor>& places, int64_t out_h, int64_t out_w) {
+  using A = typename Accumulator<T>::type;
+  const int64_t in_h = frame.size(0), in_w = frame.size(1), dim = frame.size(2);
+  const int64_t fs0 = frame.stride(0), fs1 = frame.stride(1);
+  const T* source = frame.const_data_ptr<T>();
+  std::vector<T*> targets;
+  std::vector<int64_t> rows, cols, ts0, ts1;
+  for (const auto& place : places) {
+    targets.push_back(place.mutable_data_ptr<T>());
+    rows.push_back(place.size(0));
+    cols.push_back(place.size(1));
+    ts0.push_back(place.stride(0));
+    ts1.push_back(place.stride(1));
+  }
+  const int64_t count = static_cast<int64_t>(places.size());
+  at::parallel_for(0, out_h * out_w, 8, [=](int64_t begin, int64_t end) {
+    std::vector<A> sum(dim);
+    for (int64_t o = begin; o < end; ++o) {
+      const int64_t i = o / out_w, j = o % out_w;
+      bool wanted = false;
+      for (int64_t p = 0; p < count; ++p) wanted = wanted || (i < rows[p] && j < cols[p]);
+      if (!wanted) continue;  // cropped away everywhere
+      const int64_t h0 = (i * in_h) / out_h, h1 = ((i + 1) * in_h + out_h - 1) / out_h;
+      const int64_t w0 = (j * in_w) / out_w, w1 = ((j + 1) * in_w + out_w - 1) / out_w;
+      const A rows_in = static_cast<A>(h1 - h0), cols_in = static_cast<A>(w1 - w0);
+      A* s = sum.data();
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) s[d] = 0;
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t w = w0; w < w1; ++w) {
+          const T* t = source + h * fs0 + w * fs1;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) s[d] += load(t + d);
+        }
+      }
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) s[d] = s[d] / rows_in / cols_in;  // as ATen's adaptive pooling
+      for (int64_t p = 0; p < count; ++p) {
+        if (i < rows[p] && j < cols[p]) store_finite(targets[p] + i * ts0[p] + j * ts1[p], s, dim);
+      }
+    }
+  });
+}
+
+void area_resize_into(const at::Tensor& frame, at::TensorList places, int64_t height, int64_t width) {
+  TORCH_CHECK(frame.device().is_cpu() && frame.dim() == 3 && frame.stride(2) == 1,
+              "area_resize_into: a (H, W, D) CPU frame with D innermost");
+  TORCH_CHECK(height >= 1 && width >= 1 && height <= frame.size(0) && width <= frame.size(1),
+              "area_resize_into: area interpolation shrinks");
+  for (const auto& place : places) {
+    TORCH_CHECK(place.device().is_cpu() && place.dim() == 3 && place.stride(2) == 1 &&
+                    place.scalar_type() == frame.scalar_type() && place.size(2) == frame.size(2) &&
+                    place.size(0) <= height && place.size(1) <= width,
+                "area_resize_into: each place is a (rows <= height, cols <= width, D) CPU view like the frame");
+  }
+  const std::vector<at::Tensor> targets(places.begin(), places.end());
+  switch (frame.scalar_type()) {
+    case at::kFloat: return resize<float>(frame, targets, height, width);
+    case at::kDouble: return resize<double>(frame, targets, height, width);
+    case at::kBFloat16: return resize<at::BFloat16>(frame, targets, height, width);
+    default: TORCH_CHECK(false, "area_resize_into: float32, bfloat16 or float64 only, got ", frame.scalar_type());
+  }
+}
+
+}  // namespace
+}  // namespace stgridpool
+
+TORCH_LIBRARY_FRAGMENT(stgridpool, m) {
+  m.def("area_resize_into(Tensor frame, Tensor(a!)[] places, int height, int width) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(stgridpool, CPU, m) { m.impl("area_resize_into", &stgridpool::area_resize_into); }

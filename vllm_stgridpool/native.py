@@ -1,0 +1,116 @@
+"""The stage's fused CPU kernels (``csrc/``): NSP reading each window once, area resize into the mosaics.
+
+PyTorch ops take five passes over the tokens for NSP (norms, one
+multiply-add per window offset, a finishing pass) and cost about three reads
+of the features; the kernel costs about one. The resize kernel writes each
+tile straight into its places in the mosaics instead of resizing and
+copying. They are built by torch's C++ extension loader on first use and
+cached per machine (about 20 s once; ``make setup`` builds them ahead).
+Where they cannot be built (no compiler), one warning says why and the stage
+keeps its PyTorch-ops path, which is also the path of every other device;
+the tests run both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["applies", "pools", "resizes", "norm_pool_into", "area_resize_into", "load", "disabled"]
+
+logger = logging.getLogger(__name__)
+
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
+DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+NORMS = (1.0, 2.0)
+
+_lock = threading.Lock()
+_kernels: tuple | None = None
+_tried = False
+_disabled = False
+
+
+def load() -> tuple | None:
+    """The kernels' ops, building them on the first call; None (and one warning) where they cannot be built."""
+    global _kernels, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _kernels = _build()
+            except Exception as error:  # a missing compiler, a failed build: the PyTorch-ops path stays
+                reason = " ".join(str(error).split())[-400:]  # a failed build's message ends with its cause
+                logger.warning("ST-GridPool: the fused CPU kernels could not be built (%s: %s); the stage runs "
+                               "as PyTorch ops, about 1.5x slower", type(error).__name__, reason)
+    return _kernels
+
+
+def _build() -> tuple:
+    from torch.utils.cpp_extension import load as load_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", "DEFAULT", ...
+    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else [])
+    # The capability is in the name, so a cache shared by machines of different CPUs never mixes builds,
+    # and so is a digest of every source and header (torch's loader rebuilds on a changed source only).
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES + HEADERS)).hexdigest()[:12]
+    name = f"stgridpool_kernels_{capability.lower()}_{digest}"
+    load_extension(name, [str(path) for path in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                   is_python_module=False, verbose=False)
+    return torch.ops.stgridpool.norm_pool_into, torch.ops.stgridpool.area_resize_into
+
+
+def applies(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the kernels take features of this device and dtype (they are built here on the first yes)."""
+    return not _disabled and device_type == "cpu" and dtype in DTYPES and load() is not None
+
+
+def pools(x: torch.Tensor, out: torch.Tensor, norm_p: float) -> bool:
+    """Whether :func:`norm_pool_into` computes NSP of ``x`` (.., H, W, D) into ``out`` now: the kernels apply,
+    the norm is 1 or 2, D is innermost, and the code is not being traced (``torch.compile`` sees the kernels
+    through ``ops.eager_stage``)."""
+    return norm_p in NORMS and x.dim() in (3, 4) and out.stride(-1) == 1 and _runs_on(x)
+
+
+def resizes(frames: torch.Tensor) -> bool:
+    """Whether :func:`area_resize_into` takes frames of this (N, H, W, D) tensor now (as :func:`pools` says)."""
+    return _runs_on(frames)
+
+
+def _runs_on(x: torch.Tensor) -> bool:
+    return x.stride(-1) == 1 and not torch.compiler.is_compiling() and applies(x.device.type, x.dtype)
+
+
+def norm_pool_into(x: torch.Tensor, out: torch.Tensor, kernel_size: int, temperature: float, norm_p: float) -> None:
+    """NSP of ``x`` (N, H, W, D) or (H, W, D) written into ``out``, where :func:`pools` said yes."""
+    if x.dim() == 3:
+        x, out = x.unsqueeze(0), out.unsqueeze(0)
+    torch.ops.stgridpool.norm_pool_into(x, out, kernel_size, temperature, norm_p)
+
+
+def area_resize_into(frame: torch.Tensor, places: list[torch.Tensor], height: int, width: int) -> None:
+    """``frame`` (H, W, D) resized to (height, width) by area interpolation, written into each of ``places``
+    ((rows, cols, D) views, rows <= height and cols <= width: the tile's top-left part), where :func:`resizes`
+    said yes."""
+    torch.ops.stgridpool.area_resize_into(frame, places, height, width)
+
+
+@contextlib.contextmanager
+def disabled():
+    """The PyTorch-ops path on CPU too, inside the block (tests compare the two paths)."""
+    global _disabled
+    before, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = before
+
+
+if __name__ == "__main__":  # make setup: build ahead, say where things stand
+    logging.basicConfig(level=logging.WARNING)
+    print("ST-GridPool CPU kernels:", "built" if load() is not None else "not built (the PyTorch-ops path serves)")
