@@ -24,7 +24,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import VideoEmbeddingItems, VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from vllm_stgridpool import metrics
+from vllm_stgridpool import metrics, native
 from vllm_stgridpool.activation import (
     REQUEST_KEY,
     RequestSettings,
@@ -284,6 +284,16 @@ def video_configs(
     return [config_from_row(row.reshape(-1).tolist()) for row in rows]
 
 
+def stage_settings(hf_config, vllm_config) -> STGridPoolSettings | None:
+    """The model's ST-GridPool settings (None: stock); on a CPU engine, the fused kernels are built or loaded
+    here, while the engine starts, rather than on the first video (a build takes about 20 s, once per machine)."""
+    settings = settings_for(hf_config)
+    device = getattr(getattr(vllm_config, "device_config", None), "device", None)
+    if settings is not None and getattr(device, "type", None) == "cpu":
+        native.load()
+    return settings
+
+
 def pool_videos(
     features: Sequence[torch.Tensor],
     configs: Sequence[STGridPoolConfig | None],
@@ -302,7 +312,8 @@ def pool_videos(
     for index, (video, config) in enumerate(zip(features, configs)):
         groups.setdefault((video.shape[0], config), []).append(index)
     for (num_frames, config), members in groups.items():
-        batch = torch.stack([features[i] for i in members])
+        # One video is a view, not a copy (a 64-frame video's features are 167 MB at D=896 in float32).
+        batch = features[members[0]].unsqueeze(0) if len(members) == 1 else torch.stack([features[i] for i in members])
         if config is None:
             out = stock_pool(batch.flatten(0, 1)).unflatten(0, (len(members), num_frames))
         else:

@@ -17,12 +17,13 @@ from vllm.model_executor.models.llava_next_video import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_stgridpool.activation import VIDEO_EXTRA_TOKENS, settings_for
+from vllm_stgridpool.activation import VIDEO_EXTRA_TOKENS
 from vllm_stgridpool.models.common import (
     CONFIG_FIELD,
     STGridPoolProcessingInfo,
     STGridPoolProcessorMixin,
     pool_videos,
+    stage_settings,
     video_configs,
 )
 
@@ -50,7 +51,7 @@ class STGridPoolLlavaNextVideoMultiModalProcessor(
 class STGridPoolLlavaNextVideoForConditionalGeneration(LlavaNextVideoForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.stgridpool_settings = settings_for(self.config)
+        self.stgridpool_settings = stage_settings(self.config, vllm_config)
         self.patch_grid = (self.patch_grid_length, self.patch_grid_length)
 
     def embed_multimodal(self, **kwargs: object):

@@ -32,13 +32,14 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_stgridpool.activation import VIDEO_EXTRA_TOKENS, plugin_settings, settings_for
+from vllm_stgridpool.activation import VIDEO_EXTRA_TOKENS, plugin_settings
 from vllm_stgridpool.config import STGridPoolConfig, STGridPoolSettings
 from vllm_stgridpool.models.common import (
     CONFIG_FIELD,
     STGridPoolProcessingInfo,
     STGridPoolProcessorMixin,
     pool_videos,
+    stage_settings,
     video_configs,
 )
 
@@ -100,7 +101,7 @@ class STGridPoolLlavaOnevisionMultiModalProcessor(
 class STGridPoolLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.stgridpool_settings = settings_for(self.config)
+        self.stgridpool_settings = stage_settings(self.config, vllm_config)
         self.video_newline = video_newline_layout(plugin_settings(self.config), vllm_config.model_config.model)
         vision = self.config.vision_config
         side = vision.image_size // vision.patch_size
