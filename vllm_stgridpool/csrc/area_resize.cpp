@@ -7,6 +7,7 @@
 // does, so the result is area interpolation's bit for bit (its 1 x 1 output,
 // a mean, may differ in the last bit).
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -74,12 +75,10 @@ void area_resize_into(const at::Tensor& frame, at::TensorList places, int64_t he
                 "area_resize_into: each place is a (rows <= height, cols <= width, D) CPU view like the frame");
   }
   const std::vector<at::Tensor> targets(places.begin(), places.end());
-  switch (frame.scalar_type()) {
-    case at::kFloat: return resize<float>(frame, targets, height, width);
-    case at::kDouble: return resize<double>(frame, targets, height, width);
-    case at::kBFloat16: return resize<at::BFloat16>(frame, targets, height, width);
-    default: TORCH_CHECK(false, "area_resize_into: float32, bfloat16 or float64 only, got ", frame.scalar_type());
-  }
+  // float32, float64 and bfloat16 (ops.py sends no other dtype).
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, frame.scalar_type(), "area_resize_into", [&] {
+    resize<scalar_t>(frame, targets, height, width);
+  });
 }
 
 }  // namespace

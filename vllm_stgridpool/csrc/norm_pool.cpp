@@ -15,6 +15,7 @@
 // beyond the dtype's range its largest value, so finite features give finite
 // outputs.
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -97,12 +98,10 @@ void norm_pool_into(const at::Tensor& x, const at::Tensor& out, int64_t k, doubl
                   out.size(2) * k <= x.size(2),
               "norm_pool_into: output shape does not match the windows");
   TORCH_CHECK(norm_p == 1.0 || norm_p == 2.0, "norm_pool_into: norm_p 1 or 2 only");
-  switch (x.scalar_type()) {
-    case at::kFloat: return pool<float>(x, out, k, temperature, norm_p);
-    case at::kDouble: return pool<double>(x, out, k, temperature, norm_p);
-    case at::kBFloat16: return pool<at::BFloat16>(x, out, k, temperature, norm_p);
-    default: TORCH_CHECK(false, "norm_pool_into: float32, bfloat16 or float64 only, got ", x.scalar_type());
-  }
+  // float32, float64 and bfloat16 (ops.py sends no other dtype).
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "norm_pool_into", [&] {
+    pool<scalar_t>(x, out, k, temperature, norm_p);
+  });
 }
 
 }  // namespace
