@@ -232,7 +232,7 @@ def test_float64_matches_reference_at_the_range_ends(norm_p, temperature):
 @pytest.mark.parametrize(
     "grid_sizes, grid_strides", [([4], [2]), ([3], [1]), ([9], [1]), ([6, 4], [1, 2]), ([4, 4, 4], [2, 4, 8])]
 )
-def test_mosaics_are_the_float32_result_rounded(dtype, grid_sizes, grid_strides):
+def test_mosaics_are_the_float32_result_rounded(dtype, grid_sizes, grid_strides, nsp_path):
     """kernel_size 1 makes NSP the identity, so the output is the mosaicked video itself.
 
     Each level must equal the reference level run in float32 on the previous

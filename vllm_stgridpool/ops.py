@@ -8,20 +8,26 @@ sweep over the frames: a few frames at a time are pooled (the norm pass and
 the weighted sum find them in cache) and the frames the pyramid samples are
 resized into mosaic tiles; mosaics live in a few reused buffers, and only
 frames whose final value is their own are pooled from the input. The input
-is never copied whole nor modified. Under ``torch.compile`` the pooling of
+is never copied whole nor modified.
+
+Two paths compute the same formulas in the same precisions: on CPU the
+fused kernels of :mod:`vllm_stgridpool.native` (NSP reading each window
+once, the resize writing straight into the mosaics), elsewhere PyTorch ops
+(and on CPU where the kernels cannot be built); the tests run both. Under
+``torch.compile`` the CPU stage is one opaque op; elsewhere the pooling of
 every frame is left to the compiler (it fuses it into two passes) and the
 pyramid with its mosaics' pooling runs as one opaque op, the eager code.
 
-Numerics, the same on every device and for every value the config accepts:
-sums run in at least float32 (PyTorch's reductions and area pooling
-accumulate there); a token's score is its p-norm over ``D ** (1/p)``, and the
-softmax sees ``temperature * (score - reference)`` with the window's largest
-(``temperature >= 0``) or smallest score as reference, so every logit is
-<= 0 and the reference token's is exactly 0. Finite features give finite
-outputs: a norm beyond the accumulator's range saturates at the dtype's
-largest value, and the one pass that ends each pooled token maps what an
+Numerics, for every value the config accepts: sums run in at least float32
+(area sums and the weighted sum are rounded to the features' dtype once); a
+token's score is its p-norm, rounded to the features' dtype, over
+``D ** (1/p)``; the softmax sees ``temperature * (score - reference)`` with
+the window's largest (``temperature >= 0``) or smallest score as reference,
+so every logit is <= 0 and the reference token's is exactly 0; the weights
+are rounded to the features' dtype. Finite features give finite outputs: a
+norm beyond the dtype's range saturates at its largest value, and what an
 overflowing area or weighted sum left (+-inf, or NaN where both signs met)
-to the dtype's largest value and 0.
+becomes the dtype's largest value and 0.
 """
 
 from __future__ import annotations
@@ -227,13 +233,20 @@ def _norm_pool_into(
     score = _scores(grid, norm_p).unflatten(-1, (out_w, k)).unflatten(-3, (out_h, k)).transpose(-3, -2).flatten(-2)
     reference = score.amax(-1, keepdim=True) if temperature >= 0 else score.amin(-1, keepdim=True)
     logits = score.sub_(reference).mul_(temperature)  # <= 0 (or -inf), 0 at the reference
-    weights = torch.softmax(logits, dim=-1).to(x.dtype).unsqueeze(-1).unbind(-2)  # k * k of (..., H', W', 1)
+    compute = torch.promote_types(out.dtype, torch.float32)
+    # k * k of (..., H', W', 1): rounded to the features' dtype, held in the sum's (products are then exact).
+    weights = torch.softmax(logits, dim=-1).to(x.dtype).to(compute).unsqueeze(-1).unbind(-2)
     # (..., H', W', D) views, one per window offset, row-major; accumulated in place into ``out``.
     rows = grid.unflatten(-2, (out_w, k)).unflatten(-4, (out_h, k)).unbind(-4)
     tokens = [token for row in rows for token in row.unbind(-2)]
-    torch.mul(tokens[0], weights[0], out=out)
+    # The sum runs in at least float32 and is rounded once, as in the fused CPU kernel: bfloat16 and
+    # float16 accumulate in a float32 scratch.
+    total = out if compute == out.dtype else out.new_empty(out.shape, dtype=compute)
+    torch.mul(tokens[0], weights[0], out=total)
     for token, weight in zip(tokens[1:], weights[1:]):
-        out.addcmul_(token, weight)
+        total.addcmul_(token, weight)
+    if total is not out:
+        out.copy_(total)
     # The weights may sum to 1 + a few ulps, and an area sum in a mosaic may have overflowed:
     # whatever is not finite becomes the dtype's largest value (with its sign), or 0 for NaN.
     limit = torch.finfo(out.dtype).max

@@ -326,8 +326,14 @@ def _plan_cost(plan: Plan, dim: int, itemsize: int, norm_p: float) -> StageCost:
 
     def pool(frames: int) -> tuple[int, int]:
         tokens = frames * out_h * k * out_w * k
-        temp = 3 * tokens * compute + (tokens * dim * compute if scaled else 0)  # scores, weights, weights in the input dtype
+        scaled_copy = tokens * dim * compute if scaled else 0  # held while scoring
+        # bfloat16 and float16 sum in a float32 scratch, copied into the output; on CPU each product also
+        # casts its token view to float32. Held while summing, after the scaled copy is gone.
+        scratch = 2 * frames * pooled_out * compute if compute > itemsize else 0
+        temp = 3 * tokens * compute + max(scaled_copy, scratch)  # scores, weights, weights in the input dtype
         moved = frames * (2 * frame + pooled_out)  # the norm pass and the weighted sum read, the output written
+        if scratch:
+            moved += 4 * frames * pooled_out
         if scaled:
             moved += 4 * frames * frame  # max, min, the scaled copy written and read
         return temp, moved
