@@ -451,6 +451,7 @@ def test_input_untouched_and_non_contiguous(nsp_path):
         (torch.zeros(4, 27, 1, 8), "kernel"),
         (torch.zeros(4, 27, 27, 8, dtype=torch.int64), "dtype"),
         (torch.zeros(4, 27, 27, 8, dtype=torch.int32), "dtype"),
+        (torch.zeros(4, 27, 27, 0), "channel"),
     ],
 )
 def test_bad_input(x, word):

@@ -291,6 +291,8 @@ def _check_features(x: torch.Tensor, config: STGridPoolConfig) -> None:
         raise ValueError(
             f"st_gridpool expects a floating dtype (float32, bfloat16, float16, float64), got {x.dtype}"
         )
+    if x.shape[-1] == 0:
+        raise ValueError(f"st_gridpool expects at least one channel (D >= 1), got shape {tuple(x.shape)}")
     height, width = x.shape[-3], x.shape[-2]
     if height < config.kernel_size or width < config.kernel_size:
         raise ValueError(
