@@ -31,27 +31,30 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 NORMS = (1.0, 2.0)
 
 _lock = threading.Lock()
-_kernels: tuple | None = None
+_kernels = None  # torch.ops.stgridpool once built
 _tried = False
 _disabled = False
 
 
-def load() -> tuple | None:
-    """The kernels' ops, building them on the first call; None (and one warning) where they cannot be built."""
+def load():
+    """The kernels' op namespace (``norm_pool_into``, ``area_resize_into``), building them on the first call;
+    None (and one warning) where they cannot be built."""
     global _kernels, _tried
+    if _tried:  # the stage asks once per step: no lock once the build has been tried
+        return _kernels
     with _lock:
         if not _tried:
-            _tried = True
             try:
                 _kernels = _build()
             except Exception as error:  # a missing compiler, a failed build: the PyTorch-ops path stays
                 reason = " ".join(str(error).split())[-400:]  # a failed build's message ends with its cause
                 logger.warning("ST-GridPool: the fused CPU kernels could not be built (%s: %s); the stage runs "
                                "as PyTorch ops, about 1.5x slower", type(error).__name__, reason)
+            _tried = True  # after _kernels: a thread that skips the lock never sees a build in progress
     return _kernels
 
 
-def _build() -> tuple:
+def _build():
     from torch.utils.cpp_extension import load as load_extension
 
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", "DEFAULT", ...
@@ -62,7 +65,7 @@ def _build() -> tuple:
     name = f"stgridpool_kernels_{capability.lower()}_{digest}"
     load_extension(name, [str(path) for path in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                    is_python_module=False, verbose=False)
-    return torch.ops.stgridpool.norm_pool_into, torch.ops.stgridpool.area_resize_into
+    return torch.ops.stgridpool
 
 
 def applies(device_type: str, dtype: torch.dtype) -> bool:
@@ -90,14 +93,14 @@ def norm_pool_into(x: torch.Tensor, out: torch.Tensor, kernel_size: int, tempera
     """NSP of ``x`` (N, H, W, D) or (H, W, D) written into ``out``, where :func:`pools` said yes."""
     if x.dim() == 3:
         x, out = x.unsqueeze(0), out.unsqueeze(0)
-    torch.ops.stgridpool.norm_pool_into(x, out, kernel_size, temperature, norm_p)
+    load().norm_pool_into(x, out, kernel_size, temperature, norm_p)
 
 
 def area_resize_into(frame: torch.Tensor, places: list[torch.Tensor], height: int, width: int) -> None:
     """``frame`` (H, W, D) resized to (height, width) by area interpolation, written into each of ``places``
     ((rows, cols, D) views, rows <= height and cols <= width: the tile's top-left part), where :func:`resizes`
     said yes."""
-    torch.ops.stgridpool.area_resize_into(frame, places, height, width)
+    load().area_resize_into(frame, places, height, width)
 
 
 @contextlib.contextmanager

@@ -288,8 +288,7 @@ def stage_settings(hf_config, vllm_config) -> STGridPoolSettings | None:
     """The model's ST-GridPool settings (None: stock); on a CPU engine, the fused kernels are built or loaded
     here, while the engine starts, rather than on the first video (a build takes about 20 s, once per machine)."""
     settings = settings_for(hf_config)
-    device = getattr(getattr(vllm_config, "device_config", None), "device", None)
-    if settings is not None and getattr(device, "type", None) == "cpu":
+    if settings is not None and vllm_config.device_config.device_type == "cpu":
         native.load()
     return settings
 
@@ -313,7 +312,10 @@ def pool_videos(
         groups.setdefault((video.shape[0], config), []).append(index)
     for (num_frames, config), members in groups.items():
         # One video is a view, not a copy (a 64-frame video's features are 167 MB at D=896 in float32).
-        batch = features[members[0]].unsqueeze(0) if len(members) == 1 else torch.stack([features[i] for i in members])
+        if len(members) == 1:
+            batch = features[members[0]].unsqueeze(0)
+        else:
+            batch = torch.stack([features[i] for i in members])
         if config is None:
             out = stock_pool(batch.flatten(0, 1)).unflatten(0, (len(members), num_frames))
         else:
