@@ -39,10 +39,16 @@ def test_kernel_is_built_where_a_compiler_exists():
     assert native.pools(x, x, 2.0) and not native.pools(x, x, 3.0)  # so do norms other than 1 and 2
 
 
+# Channel counts: a few (the scalar loop only), and whole blocks of vectors plus a scalar rest (45 = 32 + 13
+# for float32 and bfloat16, 2 x 16 + 13 for float64).
+CHANNELS = [7, 45]
+
+
+@pytest.mark.parametrize("dim", CHANNELS)
 @pytest.mark.parametrize("kernel_size", [1, 2, 3, 5])
 @pytest.mark.parametrize("temperature, norm_p", [(1.0, 2.0), (-2.5, 1.0), (0.0, 2.0), (30.0, 2.0), (-1e6, 1.0)])
-def test_float64_equals_the_reference(kernel_size, temperature, norm_p):
-    x = randn(3, 11, 13, 7, seed=kernel_size)
+def test_float64_equals_the_reference(kernel_size, temperature, norm_p, dim):
+    x = randn(3, 11, 13, dim, seed=kernel_size)
     assert native.pools(x, x, norm_p)
     got = norm_pool(x, kernel_size, temperature, norm_p)
     want = reference_nsp(x, kernel_size, temperature, norm_p)
@@ -89,17 +95,34 @@ def test_d_not_innermost_takes_the_ops_path():
     torch.testing.assert_close(norm_pool(x, 2, 1.0, 2.0), reference_nsp(x.double(), 2, 1.0, 2.0).float())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_extreme_features_stay_finite(dtype):
-    """Tokens at the dtype's largest value (norms and sums overflow), NaN and inf in a window: finite outputs."""
+    """Tokens at the dtype's largest value (norms and sums overflow), NaN and inf in a window, in the vector
+    blocks' channels and in the scalar rest: finite outputs."""
     largest = torch.finfo(dtype).max
-    x = torch.full((2, 4, 4, 32), largest, dtype=dtype)
+    x = torch.full((2, 4, 4, 45), largest, dtype=dtype)
     x[0, 0, 1] = -largest
-    x[1, 0, 0, 0] = float("nan")
-    x[1, 2, 2, 5] = float("inf")
+    x[1, 0, 0, [0, 40]] = float("nan")
+    x[1, 2, 2, [5, 44]] = float("inf")
     out = norm_pool(x, 2, 1.0, 2.0)
     assert torch.isfinite(out).all()
     assert out[0, 1, 1].eq(largest).all()  # a window of largest values pools to the largest value
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_area_resize_of_extreme_features_is_finite(dtype):
+    """Area sums that overflow become the dtype's largest value (with their sign), NaN becomes 0."""
+    largest = torch.finfo(dtype).max
+    x = torch.full((27, 27, 45), largest, dtype=dtype)
+    x[:, :, 10] = -largest
+    x[0, 0, [3, 41]] = float("nan")
+    out = torch.empty(14, 14, 45, dtype=dtype)
+    native.area_resize_into(x, [out], 14, 14)
+    assert out[0, 0, [3, 41]].eq(0).all()
+    assert out[..., 10].eq(-largest).all()
+    out[0, 0, [3, 41]] = largest
+    out[..., 10] = largest
+    assert out.eq(largest).all()
 
 
 def test_a_failed_build_warns_once_and_the_stage_serves(monkeypatch, caplog):
@@ -121,8 +144,9 @@ def test_a_failed_build_warns_once_and_the_stage_serves(monkeypatch, caplog):
         assert torch.equal(first, st_gridpool(x, cfg))
 
 
+@pytest.mark.parametrize("dim", CHANNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_area_resize_is_area_interpolation_bit_for_bit(dtype):
+def test_area_resize_is_area_interpolation_bit_for_bit(dtype, dim):
     """Every shrink up to 30 x 30 (but to 1 x 1, which ATen computes as a mean) equals F.interpolate(mode="area"),
     written into each place cropped to its rows and columns, nothing outside."""
     import torch.nn.functional as F
@@ -130,13 +154,13 @@ def test_area_resize_is_area_interpolation_bit_for_bit(dtype):
     checked = 0
     for height in range(1, 31, 3):
         for width in (1, 2, 7, 13, 27, 30):
-            x = randn(height, width, 9, seed=height * 31 + width, dtype=dtype, scale=5.0)
+            x = randn(height, width, dim, seed=height * 31 + width, dtype=dtype, scale=5.0)
             for out_h in sorted({1, 2, (height + 1) // 2, height} - {0}):
                 for out_w in sorted({1, 2, (width + 1) // 2, width} - {0}):
                     if (out_h, out_w) == (1, 1) or out_h > height or out_w > width:
                         continue
                     want = F.interpolate(x.permute(2, 0, 1)[None], size=(out_h, out_w), mode="area")[0].permute(1, 2, 0)
-                    canvas = torch.full((out_h + 1, 2 * out_w + 1, 9), 7.0, dtype=dtype)
+                    canvas = torch.full((out_h + 1, 2 * out_w + 1, dim), 7.0, dtype=dtype)
                     whole, cropped = canvas[:out_h, :out_w], canvas[1:, out_w + 1 : 2 * out_w]
                     assert native.resizes(x[None])
                     native.area_resize_into(x, [whole, cropped], out_h, out_w)

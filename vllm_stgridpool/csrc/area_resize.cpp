@@ -35,7 +35,9 @@ void resize(const at::Tensor& frame, const std::vector<at::Tensor>& places, int6
   }
   const int64_t count = static_cast<int64_t>(places.size());
   at::parallel_for(0, out_h * out_w, 8, [=](int64_t begin, int64_t end) {
-    std::vector<A> sum(dim);
+    using V = typename Block<T>::vector;
+    constexpr int64_t block = Block<T>::size;
+    alignas(32) A sums[block];
     for (int64_t o = begin; o < end; ++o) {
       const int64_t i = o / out_w, j = o % out_w;
       bool wanted = false;
@@ -44,21 +46,35 @@ void resize(const at::Tensor& frame, const std::vector<at::Tensor>& places, int6
       const int64_t h0 = (i * in_h) / out_h, h1 = ((i + 1) * in_h + out_h - 1) / out_h;
       const int64_t w0 = (j * in_w) / out_w, w1 = ((j + 1) * in_w + out_w - 1) / out_w;
       const A rows_in = static_cast<A>(h1 - h0), cols_in = static_cast<A>(w1 - w0);
-      A* s = sum.data();
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) s[d] = 0;
-      for (int64_t h = h0; h < h1; ++h) {
-        for (int64_t w = w0; w < w1; ++w) {
-          const T* t = source + h * fs0 + w * fs1;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) s[d] += load(t + d);
+      const auto write = [&](int64_t d, int64_t n) {
+        for (int64_t p = 0; p < count; ++p) {
+          if (i < rows[p] && j < cols[p]) store_finite(targets[p] + i * ts0[p] + j * ts1[p] + d, sums, n);
+        }
+      };
+      int64_t d = 0;
+      for (; d + block <= dim; d += block) {  // a block of channels, its sums in registers
+        V acc[4] = {};
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t w = w0; w < w1; ++w) {
+            const T* token = source + h * fs0 + w * fs1 + d;
+#pragma GCC unroll 4
+            for (int b = 0; b < 4; ++b) acc[b] += Block<T>::load(token, b);
+          }
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < 4; ++b) acc[b] = acc[b] / rows_in / cols_in;  // as ATen's adaptive pooling
+        for (int64_t p = 0; p < count; ++p) {
+          if (i < rows[p] && j < cols[p]) Block<T>::store(targets[p] + i * ts0[p] + j * ts1[p] + d, acc);
         }
       }
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) s[d] = s[d] / rows_in / cols_in;  // as ATen's adaptive pooling
-      for (int64_t p = 0; p < count; ++p) {
-        if (i < rows[p] && j < cols[p]) store_finite(targets[p] + i * ts0[p] + j * ts1[p], s, dim);
+      for (int64_t n = 0; n < dim - d; ++n) {  // the last dim % block channels
+        A s = 0;
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t w = w0; w < w1; ++w) s += load(source + h * fs0 + w * fs1 + d + n);
+        }
+        sums[n] = s / rows_in / cols_in;
       }
+      write(d, dim - d);
     }
   });
 }

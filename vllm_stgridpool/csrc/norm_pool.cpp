@@ -40,28 +40,36 @@ void pool(const at::Tensor& x, const at::Tensor& out, int64_t k, double temperat
   const A scale = static_cast<A>(std::pow(static_cast<double>(dim), -1.0 / norm_p));
   const A beta = static_cast<A>(temperature);
   const bool by_max = temperature >= 0, l1 = norm_p == 1.0;
-  // Captured by value: the loops below then keep them in registers and vectorise.
+  // Captured by value: the loops below then keep them in registers.
   at::parallel_for(0, x.size(0) * per_frame, 16, [=](int64_t begin, int64_t end) {
+    using V = typename Block<T>::vector;
+    constexpr int64_t block = Block<T>::size;
+    const int64_t blocked = dim - dim % block;  // channels in whole blocks; the rest take scalar loops
     std::vector<const T*> token(window);
-    std::vector<A> logit(window), weight(window), sum(dim);
+    std::vector<A> logit(window), weight(window);
+    alignas(32) A sums[block];
     for (int64_t w = begin; w < end; ++w) {
       const int64_t f = w / per_frame, i = (w % per_frame) / out_w, j = w % out_w;
       for (int64_t a = 0; a < window; ++a)
         token[a] = features + f * xs0 + (i * k + a / k) * xs1 + (j * k + a % k) * xs2;
       for (int64_t a = 0; a < window; ++a) {
         const T* t = token[a];
-        A norm = 0;
-        if (l1) {
-#pragma omp simd reduction(+ : norm)
-          for (int64_t d = 0; d < dim; ++d) norm += std::abs(load(t + d));
-        } else {
-#pragma omp simd reduction(+ : norm)
-          for (int64_t d = 0; d < dim; ++d) {
-            const A v = load(t + d);
-            norm += v * v;
+        V part[4] = {};
+        for (int64_t d = 0; d < blocked; d += block) {
+#pragma GCC unroll 4
+          for (int b = 0; b < 4; ++b) {
+            const V v = Block<T>::load(t + d, b);
+            part[b] += l1 ? (v < 0 ? -v : v) : v * v;
           }
-          norm = std::sqrt(norm);
         }
+        Block<T>::unload(part, sums);
+        A norm = 0;
+        for (int64_t n = 0; n < block; ++n) norm += sums[n];
+        for (int64_t d = blocked; d < dim; ++d) {
+          const A v = load(t + d);
+          norm += l1 ? std::abs(v) : v * v;
+        }
+        if (!l1) norm = std::sqrt(norm);
         const A rounded = static_cast<A>(static_cast<T>(norm));  // +inf where it passes the dtype's range
         logit[a] = (rounded < top_score ? rounded : top_score) * scale;
       }
@@ -77,14 +85,20 @@ void pool(const at::Tensor& x, const at::Tensor& out, int64_t k, double temperat
       for (int64_t a = 0; a < window; ++a) total += (weight[a] = std::exp(logit[a] - top));
       for (int64_t a = 0; a < window; ++a) weight[a] = static_cast<A>(static_cast<T>(weight[a] / total));
       T* o = pooled + f * os0 + i * os1 + j * os2;
-      A* s = sum.data();
-      for (int64_t a = 0; a < window; ++a) {
-        const T* t = token[a];
-        const A wt = weight[a];
-#pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) s[d] = (a == 0 ? A(0) : s[d]) + wt * load(t + d);
+      for (int64_t d = 0; d < blocked; d += block) {  // a block of channels, its sums in registers
+        V acc[4] = {};
+        for (int64_t a = 0; a < window; ++a) {
+          const A wt = weight[a];
+#pragma GCC unroll 4
+          for (int b = 0; b < 4; ++b) acc[b] += wt * Block<T>::load(token[a] + d, b);
+        }
+        Block<T>::store(o + d, acc);
       }
-      store_finite(o, s, dim);
+      for (int64_t d = blocked; d < dim; ++d) {
+        A s = 0;
+        for (int64_t a = 0; a < window; ++a) s += weight[a] * load(token[a] + d);
+        store_finite(o + d, &s, 1);
+      }
     }
   });
 }
