@@ -33,7 +33,7 @@ def test_lora_token_counts_follow_the_request_config():
 
 
 def test_pool_videos_pools_each_video_on_its_own():
-    """Grouped, batched calls give exactly what one call per video gives; stock videos keep stock pooling."""
+    """Each video pooled on its own, as a view of its features (no stacked copy); stock videos keep stock pooling."""
     grid = (6, 6)
     videos = [torch.randn(t, 36, 4, dtype=torch.float64) for t in (8, 5, 8, 3)]
     configs = [STGridPoolConfig(grid_sizes=(2,), grid_strides=(2,)), None, STGridPoolConfig(grid_sizes=(2,), grid_strides=(2,)), STGridPoolConfig(kernel_size=3)]

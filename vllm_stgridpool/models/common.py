@@ -6,8 +6,8 @@
 - :class:`STGridPoolProcessorMixin`: resolves each request's config, checks
   it, strips it before the HF processor sees it, hands it to the model as a
   per-video field and emits the matching number of placeholders.
-- :func:`pool_videos`: the model side, one batched ST-GridPool call per
-  group of videos that share a frame count and a config.
+- :func:`pool_videos`: the model side, one ST-GridPool call per video, on
+  a view of its features.
 """
 
 from __future__ import annotations
@@ -301,26 +301,19 @@ def pool_videos(
 ) -> list[torch.Tensor]:
     """Pool each video's (T, H*W, D) features into (T*H'*W', D) rows.
 
-    PTG mixes frames within a video only; videos that share a frame count
-    and a config run as one batched call. ``None`` configs take the model's
-    stock pooling, which maps (T, H*W, D) to (T, tokens, D).
+    One call per video, on a view of its features: PTG mixes frames within
+    a video only and the stage runs video by video even in a batched call,
+    so a batch would only add the copy that stacks the videos (167 MB per
+    64-frame video at D=896 in float32). ``None``
+    configs take the model's stock pooling, which maps (T, H*W, D) to
+    (T, tokens, D).
     """
     height, width = grid
-    pooled: list[torch.Tensor | None] = [None] * len(features)
-    groups: dict[tuple[int, STGridPoolConfig | None], list[int]] = {}
-    for index, (video, config) in enumerate(zip(features, configs)):
-        groups.setdefault((video.shape[0], config), []).append(index)
-    for (num_frames, config), members in groups.items():
-        # One video is a view, not a copy (a 64-frame video's features are 167 MB at D=896 in float32).
-        if len(members) == 1:
-            batch = features[members[0]].unsqueeze(0)
-        else:
-            batch = torch.stack([features[i] for i in members])
+    pooled = []
+    for video, config in zip(features, configs):
         if config is None:
-            out = stock_pool(batch.flatten(0, 1)).unflatten(0, (len(members), num_frames))
+            out = stock_pool(video)
         else:
-            out = st_gridpool(batch.unflatten(2, (height, width)), config)
-        out = out.reshape(len(members), -1, out.shape[-1])
-        for i, video in zip(members, out.unbind(0)):
-            pooled[i] = video
+            out = st_gridpool(video.unflatten(1, (height, width)), config)
+        pooled.append(out.reshape(-1, out.shape[-1]))
     return pooled
