@@ -49,7 +49,7 @@ def load():
             except Exception as error:  # a missing compiler, a failed build: the PyTorch-ops path stays
                 reason = " ".join(str(error).split())[-400:]  # a failed build's message ends with its cause
                 logger.warning("ST-GridPool: the fused CPU kernels could not be built (%s: %s); the stage runs "
-                               "as PyTorch ops, about 1.5x slower", type(error).__name__, reason)
+                               "as PyTorch ops, 1.6x to 3x slower", type(error).__name__, reason)
             _tried = True  # after _kernels: a thread that skips the lock never sees a build in progress
     return _kernels
 
