@@ -129,7 +129,6 @@ template <> struct Block<at::BFloat16> {
   }
 };
 
-
 // Writes n values rounded to T: NaN becomes 0 and values beyond T's range its largest value.
 template <typename T, typename A>
 inline void store_finite(T* target, const A* values, int64_t n) {
