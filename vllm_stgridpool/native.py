@@ -6,7 +6,8 @@ of the features; the kernel costs about one. The resize kernel writes each
 tile straight into its places in the mosaics instead of resizing and
 copying. They are built by torch's C++ extension loader on first use and
 cached per machine (about 20 s once; ``make setup`` builds them ahead).
-Where they cannot be built (no compiler), one warning says why and the stage
+They need GCC 12 or later, or Clang (vector extensions, ``__builtin_shufflevector``).
+Where they cannot be built (no such compiler), one warning says why and the stage
 keeps its PyTorch-ops path, which is also the path of every other device;
 the tests run both.
 """
