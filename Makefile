@@ -62,7 +62,7 @@ test-distributed: $(RAY_STAMP)
 bench-op: setup
 	$(BIN)/python benchmarks/op_bench.py
 	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 $(BIN)/python benchmarks/op_bench.py \
-		--skip-batches --output benchmarks/results/op_bench_recycled_pages.json
+		--output benchmarks/results/op_bench_recycled_pages.json
 
 bench-decode: setup
 	$(BIN)/python benchmarks/decode_bench.py
