@@ -177,8 +177,7 @@ def _resize_into(frames, step: Resize, mosaics: dict[int, torch.Tensor]) -> None
         tiles = _area_tiles(frames, rows, size[0], size[1])
     for tile, places in zip(tiles, slots):
         for slot in places:
-            rows_cols = slot.shape[:2]
-            slot.copy_(tile if rows_cols == tile.shape[:2] else tile[: rows_cols[0], : rows_cols[1]])
+            slot.copy_(tile[: slot.shape[0], : slot.shape[1]])
 
 
 def _area_tiles(frames: torch.Tensor, rows: tuple[int, ...], height: int, width: int) -> list[torch.Tensor]:

@@ -58,7 +58,6 @@ template <> struct Block<float> {
     std::memcpy(&v, p + 8 * b, sizeof(v));
     return v;
   }
-  static void unload(const vector v[4], float* out) { std::memcpy(out, v, 4 * sizeof(vector)); }
   static void store(float* out, const vector v[4]) {  // as store_finite
     for (int b = 0; b < 4; ++b) {
       const vector x = finite_lanes(v[b], largest<float, float>());
@@ -75,7 +74,6 @@ template <> struct Block<double> {
     std::memcpy(&v, p + 4 * b, sizeof(v));
     return v;
   }
-  static void unload(const vector v[4], double* out) { std::memcpy(out, v, 4 * sizeof(vector)); }
   static void store(double* out, const vector v[4]) {
     for (int b = 0; b < 4; ++b) {
       const vector x = finite_lanes(v[b], largest<double, double>());
@@ -86,7 +84,7 @@ template <> struct Block<double> {
 
 // bfloat16 widens to float exactly by a 16-bit shift. Interleaving 16 channels with zeros within 128-bit
 // halves (one instruction on AVX2, where a widening conversion takes three) puts channels 0-3 and 8-11 in
-// one vector and 4-7 and 12-15 in the next; unload puts the block back in channel order.
+// one vector and 4-7 and 12-15 in the next; store puts the block back in channel order.
 template <> struct Block<at::BFloat16> {
   using vector = floats;
   static constexpr int64_t size = 32;
@@ -100,14 +98,6 @@ template <> struct Block<at::BFloat16> {
     vector v;
     std::memcpy(&v, &wide, sizeof(v));
     return v;
-  }
-  static void unload(const vector v[4], float* out) {
-    for (int half = 0; half < 2; ++half) {
-      const vector first = __builtin_shufflevector(v[2 * half], v[2 * half + 1], 0, 1, 2, 3, 8, 9, 10, 11);
-      const vector second = __builtin_shufflevector(v[2 * half], v[2 * half + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-      std::memcpy(out + 16 * half, &first, sizeof(first));
-      std::memcpy(out + 16 * half + 8, &second, sizeof(second));
-    }
   }
   // As store_finite, then rounded to nearest even; the high 16 bits of each lane are picked back into
   // channel order (the inverse of load's interleaving).

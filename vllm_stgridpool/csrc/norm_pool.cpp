@@ -47,7 +47,7 @@ void pool(const at::Tensor& x, const at::Tensor& out, int64_t k, double temperat
     const int64_t blocked = dim - dim % block;  // channels in whole blocks; the rest take scalar loops
     std::vector<const T*> token(window);
     std::vector<A> logit(window), weight(window);
-    alignas(32) A sums[block];
+    alignas(32) A lanes[block];
     for (int64_t w = begin; w < end; ++w) {
       const int64_t f = w / per_frame, i = (w % per_frame) / out_w, j = w % out_w;
       for (int64_t a = 0; a < window; ++a)
@@ -62,9 +62,9 @@ void pool(const at::Tensor& x, const at::Tensor& out, int64_t k, double temperat
             part[b] += l1 ? (v < 0 ? -v : v) : v * v;
           }
         }
-        Block<T>::unload(part, sums);
+        std::memcpy(lanes, part, sizeof(part));  // the partial sums, in any channel order
         A norm = 0;
-        for (int64_t n = 0; n < block; ++n) norm += sums[n];
+        for (int64_t n = 0; n < block; ++n) norm += lanes[n];
         for (int64_t d = blocked; d < dim; ++d) {
           const A v = load(t + d);
           norm += l1 ? std::abs(v) : v * v;

@@ -304,9 +304,8 @@ def pool_videos(
     One call per video, on a view of its features: PTG mixes frames within
     a video only and the stage runs video by video even in a batched call,
     so a batch would only add the copy that stacks the videos (167 MB per
-    64-frame video at D=896 in float32). ``None``
-    configs take the model's stock pooling, which maps (T, H*W, D) to
-    (T, tokens, D).
+    64-frame video at D=896 in float32). ``None`` configs take the model's
+    stock pooling, which maps (T, H*W, D) to (T, tokens, D).
     """
     height, width = grid
     pooled = []
