@@ -56,11 +56,7 @@ void resize(const at::Tensor& frame, const std::vector<at::Tensor>& places, int6
       for (; d + block <= dim; d += block) {  // a block of channels, its sums in registers
         V acc[4] = {};
         for (int64_t h = h0; h < h1; ++h) {
-          for (int64_t w = w1; w < next_w1; ++w) {
-            const char* next = reinterpret_cast<const char*>(source + h * fs0 + w * fs1 + d);
-            for (int64_t line = 0; line < block * static_cast<int64_t>(sizeof(T)); line += 64)
-              __builtin_prefetch(next + line);
-          }
+          for (int64_t w = w1; w < next_w1; ++w) prefetch_block(source + h * fs0 + w * fs1 + d);
         }
         for (int64_t h = h0; h < h1; ++h) {
           for (int64_t w = w0; w < w1; ++w) {

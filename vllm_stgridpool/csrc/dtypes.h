@@ -119,6 +119,14 @@ template <> struct Block<at::BFloat16> {
   }
 };
 
+// Asks for the cache lines of one block of channels starting at p, ahead of their use.
+template <typename T>
+inline void prefetch_block(const T* p) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t line = 0; line < Block<T>::size * static_cast<int64_t>(sizeof(T)); line += 64)
+    __builtin_prefetch(bytes + line);
+}
+
 // Writes n values rounded to T: NaN becomes 0 and values beyond T's range its largest value.
 template <typename T, typename A>
 inline void store_finite(T* target, const A* values, int64_t n) {

@@ -90,11 +90,7 @@ void pool(const at::Tensor& x, const at::Tensor& out, int64_t k, double temperat
       const bool next_in_row = j + 1 < out_w;
       for (int64_t d = 0; d < blocked; d += block) {  // a block of channels, its sums in registers
         V acc[4] = {};
-        for (int64_t a = 0; next_in_row && a < window; ++a) {
-          const char* next = reinterpret_cast<const char*>(token[a] + k * xs2 + d);
-          for (int64_t line = 0; line < block * static_cast<int64_t>(sizeof(T)); line += 64)
-            __builtin_prefetch(next + line);
-        }
+        for (int64_t a = 0; next_in_row && a < window; ++a) prefetch_block(token[a] + k * xs2 + d);
         for (int64_t a = 0; a < window; ++a) {
           const A wt = weight[a];
 #pragma GCC unroll 4
