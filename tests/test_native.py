@@ -1,4 +1,4 @@
-"""The fused CPU kernel for NSP (vllm_stgridpool/native.py, csrc/norm_pool.cpp).
+"""The fused CPU kernels (vllm_stgridpool/native.py, csrc/): NSP, the area resize, and the plan run in one call.
 
 Expected values come from the plain per-window reference in float64 and
 from the PyTorch-ops path; the kernel must be built wherever a C++
@@ -170,3 +170,30 @@ def test_area_resize_is_area_interpolation_bit_for_bit(dtype, dim):
                     assert (canvas[~written] == 7.0).all()
                     checked += 1
     assert checked > 200
+
+
+@pytest.mark.parametrize(
+    "sizes, strides, kernel_size, dtype, mosaics_only",
+    [
+        ((4, 4, 4), (2, 4, 8), 2, torch.float32, False),  # the paper's, in segments of 3 frames
+        ((4, 4, 4), (2, 4, 8), 2, torch.bfloat16, True),  # the rows torch.compile's stage takes elsewhere
+        ((3, 6, 1), (1, 2, 3), 3, torch.float64, False),  # 3 x 1 and 3 x 2 mosaics; one-frame mosaics copied
+        ((), (), 2, torch.float32, False),  # NSP only
+    ],
+)
+def test_run_plan_is_the_step_by_step_walk(monkeypatch, sizes, strides, kernel_size, dtype, mosaics_only):
+    """One run_plan call per video gives, bit for bit, what ops.py's walk of the same plan gives calling
+    the same kernels step by step (so the program encodes every step, place and buffer)."""
+    from vllm_stgridpool import ops
+    from vllm_stgridpool.plan import make_plan
+
+    config = STGridPoolConfig(grid_sizes=sizes, grid_strides=strides, kernel_size=kernel_size)
+    videos = randn(2, 24, 27, 25, 45, seed=11, dtype=dtype)
+    plan = make_plan(24, 27, 25, config, 3)
+    args = (videos, plan, config.temperature, config.norm_p, mosaics_only)
+    assert native.runs_plan(videos[0], config.norm_p)
+    whole = ops.apply_plan(*args)
+    monkeypatch.setattr(native, "runs_plan", lambda frames, norm_p: False)
+    by_step = ops.apply_plan(*args)
+    assert whole.shape == (2, len(plan.replaced) if mosaics_only else 24, *plan.out_grid, 45)
+    assert torch.equal(whole, by_step)

@@ -279,6 +279,34 @@ def test_worked_example_plan(T, plan):
     assert built.out_grid == (13, 13)
 
 
+@pytest.mark.parametrize(
+    "T, sizes, strides, chunk",
+    [(64, (4, 4, 4), (2, 4, 8), 3), (64, (4, 4, 4), (2, 4, 8), 1 << 30), (33, (3, 6, 8), (1, 2, 3), 2),
+     (40, (9, 1, 4), (1, 1, 2), 5), (12, (2, 2, 2, 2), (1, 1, 1, 1), 1)],
+)
+def test_mosaic_buffers_never_clash(T, sizes, strides, chunk):
+    """Walking the steps: a mosaic holds its buffer from its first tile to its Drop, no two mosaics alive
+    share one, and num_slots is the most alive at once (a dropped mosaic's buffer is reused)."""
+    plan = plan_module.make_plan(T, 27, 27, make_config(sizes, strides), chunk)
+    alive: dict[int, int] = {}  # mosaic -> slot
+    most = 0
+    for step in plan.steps:
+        if isinstance(step, plan_module.Resize):
+            for place in (place for places in step.places for place in places):
+                alive.setdefault(place.mosaic, plan.slots[place.mosaic])
+            if not step.from_input:
+                assert all(source in alive for source in step.sources)  # read while it holds its buffer
+        elif isinstance(step, plan_module.PoolMosaics):
+            assert all(mosaic in alive for mosaic in step.mosaics)
+        elif isinstance(step, plan_module.Drop):
+            for mosaic in step.mosaics:
+                del alive[mosaic]
+        assert len(set(alive.values())) == len(alive), step
+        most = max(most, len(alive))
+    assert not alive and plan.num_slots == most
+    assert sorted(set(plan.slots)) == list(range(plan.num_slots))
+
+
 def test_worked_example_t64_replaced_frames():
     """T=64: level 1 replaces 7, 15, ..., 63; level 2 15, 31, 47, 63; level 3 31 and 63."""
     levels = plan_module.make_plan(64, 8, 8, STGridPoolConfig()).levels

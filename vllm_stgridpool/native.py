@@ -1,20 +1,23 @@
-"""The stage's fused CPU kernels (``csrc/``): NSP reading each window once, area resize into the mosaics.
+"""The stage's fused CPU kernels (``csrc/``): NSP reading each window once, area resize into the mosaics,
+and a video's whole plan in one call.
 
 PyTorch ops take five passes over the tokens for NSP (norms, one
 multiply-add per window offset, a finishing pass) and cost about three reads
 of the features; the kernel costs about one. The resize kernel writes each
 tile straight into its places in the mosaics instead of resizing and
-copying. They are built by torch's C++ extension loader on first use and
-cached per machine (about 20 s once; ``make setup`` builds them ahead).
-They need GCC 12 or later, or Clang (vector extensions, ``__builtin_shufflevector``).
-Where they cannot be built (no such compiler), one warning says why and the stage
-keeps its PyTorch-ops path, which is also the path of every other device;
-the tests run both.
+copying. ``run_plan`` walks a video's plan in C++: one call per video
+instead of one per step. They are built by torch's C++ extension loader on
+first use and cached per machine (about 20 s once; ``make setup`` builds
+them ahead). They need GCC 12 or later, or Clang (vector extensions,
+``__builtin_shufflevector``). Where they cannot be built (no such
+compiler), one warning says why and the stage keeps its PyTorch-ops path,
+which is also the path of every other device; the tests run both.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import threading
@@ -22,7 +25,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["applies", "pools", "resizes", "norm_pool_into", "area_resize_into", "load", "disabled"]
+from vllm_stgridpool.plan import Plan, PoolFrames, PoolMosaics, Resize
+
+__all__ = ["applies", "pools", "resizes", "runs_plan", "norm_pool_into", "area_resize_into", "run_plan", "load",
+           "disabled"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +44,8 @@ _disabled = False
 
 
 def load():
-    """The kernels' op namespace (``norm_pool_into``, ``area_resize_into``), building them on the first call;
+    """The kernels' op namespace (``norm_pool_into``, ``area_resize_into``, ``run_plan``), building them on the
+    first call;
     None (and one warning) where they cannot be built."""
     global _kernels, _tried
     if _tried:  # the stage asks once per step: no lock once the build has been tried
@@ -86,6 +93,11 @@ def resizes(frames: torch.Tensor) -> bool:
     return _runs_on(frames)
 
 
+def runs_plan(frames: torch.Tensor, norm_p: float) -> bool:
+    """Whether :func:`run_plan` runs a video of these (T, H, W, D) frames now (as :func:`pools` says)."""
+    return norm_p in NORMS and _runs_on(frames)
+
+
 def _runs_on(x: torch.Tensor) -> bool:
     return x.stride(-1) == 1 and not torch.compiler.is_compiling() and applies(x.device.type, x.dtype)
 
@@ -102,6 +114,44 @@ def area_resize_into(frame: torch.Tensor, places: list[torch.Tensor], height: in
     ((rows, cols, D) views, rows <= height and cols <= width: the tile's top-left part), where :func:`resizes`
     said yes."""
     load().area_resize_into(frame, places, height, width)
+
+
+def run_plan(
+    frames: torch.Tensor, pooled: torch.Tensor, buffers: torch.Tensor, plan: Plan, kernel_size: int,
+    temperature: float, norm_p: float, mosaics_only: bool = False,
+) -> None:
+    """One video's ``plan`` in one call, where :func:`runs_plan` said yes: ``frames`` (T, H, W, D) pooled into
+    ``pooled`` (rows as ``ops.apply_plan`` says), mosaics built in ``buffers`` (plan.num_slots, H, W, D).
+
+    The steps are those ``ops.apply_plan`` runs one by one, kernel by kernel; here the
+    C++ side walks them, which saves the stage about a hundred Python-level calls per video.
+    """
+    load().run_plan(frames, pooled, buffers, _program(plan, mosaics_only), kernel_size, temperature, norm_p)
+
+
+POOL_FRAMES, RESIZE, POOL_MOSAIC = 0, 1, 2  # run_plan's step codes (csrc/run_plan.cpp)
+
+
+@functools.lru_cache(maxsize=256)
+def _program(plan: Plan, mosaics_only: bool) -> list[int]:
+    """``plan``'s steps as the flat integers run_plan reads, mosaics named by their buffers:
+    POOL_FRAMES start stop; RESIZE from_input source height width count (slot top left rows cols) x count;
+    POOL_MOSAIC slot row."""
+    row = {frame: i for i, frame in enumerate(plan.replaced)}
+    program: list[int] = []
+    for step in plan.steps:
+        if isinstance(step, PoolFrames) and not mosaics_only:
+            program += [POOL_FRAMES, step.start, step.stop]
+        elif isinstance(step, Resize):
+            for source, places in zip(step.sources, step.places):
+                program += [RESIZE, int(step.from_input), source if step.from_input else plan.slots[source],
+                            *step.size, len(places)]
+                for place in places:
+                    program += [plan.slots[place.mosaic], place.top, place.left, place.rows, place.cols]
+        elif isinstance(step, PoolMosaics):
+            for mosaic, frame in zip(step.mosaics, step.frames):
+                program += [POOL_MOSAIC, plan.slots[mosaic], row[frame] if mosaics_only else frame]
+    return program
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@ is never copied whole nor modified.
 
 Two paths compute the same formulas in the same precisions: on CPU the
 fused kernels of :mod:`vllm_stgridpool.native` (NSP reading each window
-once, the resize writing straight into the mosaics), elsewhere PyTorch ops
+once, the resize writing straight into the mosaics, the plan's steps walked
+in C++, one call per video), elsewhere PyTorch ops
 (and on CPU where the kernels cannot be built); the tests run both. Under
 ``torch.compile`` the CPU stage is one opaque op; elsewhere the pooling of
 every frame is left to the compiler (it fuses it into two passes) and the
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 from vllm_stgridpool import native
 from vllm_stgridpool.config import STGridPoolConfig
-from vllm_stgridpool.plan import Drop, Plan, PoolFrames, PoolMosaics, Resize, area_window, chunk_frames, make_plan
+from vllm_stgridpool.plan import Plan, PoolFrames, PoolMosaics, Resize, area_window, chunk_frames, make_plan
 
 __all__ = ["st_gridpool", "apply_plan", "norm_pool"]
 
@@ -82,23 +83,20 @@ def apply_plan(
 
 def _run_steps(frames: torch.Tensor, plan: Plan, pooled: torch.Tensor, pool: dict, mosaics_only: bool) -> None:
     """One video's steps, written into ``pooled`` in place (rows as :func:`apply_plan` says)."""
-    height, width, dim = frames.shape[1:]
+    buffers = frames.new_empty(plan.num_slots, *frames.shape[1:])  # the mosaics being built or read
+    if native.runs_plan(frames, pool["norm_p"]):  # the whole video in one kernel call
+        native.run_plan(frames, pooled, buffers, plan, mosaics_only=mosaics_only, **pool)
+        return
+    mosaics = [buffers[slot] for slot in plan.slots]  # (H, W, D), by mosaic
     row = {frame: i for i, frame in enumerate(plan.replaced)} if mosaics_only else None
-    free: list[torch.Tensor] = []  # buffers of consumed mosaics, reused for later ones
-    mosaics: dict[int, torch.Tensor] = {}  # (H, W, D) buffer of each mosaic being built or read
     for step in plan.steps:
         if isinstance(step, PoolFrames) and not mosaics_only:
             _norm_pool_into(frames[step.start : step.stop], pooled[step.start : step.stop], **pool)
         elif isinstance(step, Resize):
-            for place in (place for places in step.places for place in places):
-                if place.mosaic not in mosaics:  # its first tile: take a buffer
-                    mosaics[place.mosaic] = free.pop() if free else frames.new_empty(height, width, dim)
             _resize_into(frames if step.from_input else mosaics, step, mosaics)
         elif isinstance(step, PoolMosaics):
             for mosaic, frame in zip(step.mosaics, step.frames):
                 _norm_pool_into(mosaics[mosaic], pooled[frame if row is None else row[frame]], **pool)
-        elif isinstance(step, Drop):
-            free.extend(mosaics.pop(mosaic) for mosaic in step.mosaics)
 
 
 def _compiled_stage(videos: torch.Tensor, config: STGridPoolConfig) -> torch.Tensor:
@@ -158,10 +156,10 @@ def _eager_plan(videos: torch.Tensor, config: STGridPoolConfig) -> Plan:
     return make_plan(num_frames, height, width, config, chunk_frames(height, width, dim, videos.element_size()))
 
 
-def _resize_into(frames, step: Resize, mosaics: dict[int, torch.Tensor]) -> None:
+def _resize_into(frames, step: Resize, mosaics: list[torch.Tensor]) -> None:
     """Area-resize ``step``'s source frames (rows of a tensor, or mosaics) into each tile's places."""
     size = step.size
-    if isinstance(frames, dict):  # one completed mosaic
+    if isinstance(frames, list):  # one completed mosaic
         frames, rows = frames[step.sources[0]].unsqueeze(0), (0,)
     else:
         rows = step.sources

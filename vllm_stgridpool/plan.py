@@ -103,6 +103,8 @@ class Plan:
     levels: tuple[LevelPlan, ...]  # only the levels that build at least one mosaic
     replaced: tuple[int, ...]  # frames whose final value is a mosaic
     steps: tuple[Step, ...]
+    slots: tuple[int, ...]  # each mosaic's buffer: a mosaic takes a consumed one's buffer
+    num_slots: int  # (H, W, D) mosaic buffers the stage holds at once
 
 
 def sample_indices(num_frames: int, stride: int) -> tuple[int, ...]:
@@ -221,6 +223,7 @@ def make_plan(
         if finals:
             steps.append(PoolMosaics(tuple(m for m, _ in finals), tuple(f for _, f in finals)))
             steps.append(Drop(tuple(m for m, _ in finals)))
+    slots, num_slots = _assign_slots(steps, len(mosaic_level))
     return Plan(
         num_frames=num_frames,
         height=height,
@@ -230,7 +233,29 @@ def make_plan(
         levels=tuple(levels),
         replaced=tuple(t for t in range(num_frames) if final[t] != INPUT),
         steps=tuple(steps),
+        slots=slots,
+        num_slots=num_slots,
     )
+
+
+def _assign_slots(steps: list[Step], num_mosaics: int) -> tuple[tuple[int, ...], int]:
+    """Each mosaic's buffer, taken at its first tile (the last one dropped if any, else a new one), and how
+    many buffers that makes."""
+    slots = [INPUT] * num_mosaics
+    free: list[int] = []
+    count = 0
+    for step in steps:
+        if isinstance(step, Resize):
+            for place in (place for places in step.places for place in places):
+                if slots[place.mosaic] != INPUT:
+                    continue
+                if free:
+                    slots[place.mosaic] = free.pop()
+                else:
+                    slots[place.mosaic], count = count, count + 1
+        elif isinstance(step, Drop):
+            free.extend(slots[mosaic] for mosaic in step.mosaics)
+    return tuple(slots), count
 
 
 def _input_runs(final: list[int], start: int, stop: int) -> list[tuple[int, int]]:
@@ -338,8 +363,7 @@ def _plan_cost(plan: Plan, dim: int, itemsize: int, norm_p: float) -> StageCost:
             moved += 4 * frames * frame  # max, min, the scaled copy written and read
         return temp, moved
 
-    live: set[int] = set()  # mosaics holding a buffer
-    buffers = peak = work = 0
+    peak = work = 0
     for step in plan.steps:
         temp = 0
         if isinstance(step, PoolFrames):
@@ -351,16 +375,11 @@ def _plan_cost(plan: Plan, dim: int, itemsize: int, norm_p: float) -> StageCost:
             tile = step.size[0] * step.size[1] * dim
             temp = len(step.sources) * tile * itemsize  # the tiles, placed once all exist
             moved = len(step.sources) * (frame + tile)
-            for places in step.places:
-                for place in places:
-                    live.add(place.mosaic)
-                    moved += 2 * place.rows * place.cols * dim  # copied into the mosaic
+            moved += sum(2 * place.rows * place.cols * dim for places in step.places for place in places)  # placed
         else:
             moved = 0
-            live.difference_update(step.mosaics)
-        buffers = max(buffers, len(live))  # a dropped mosaic's buffer is reused, never freed early
         peak, work = max(peak, temp), work + moved
     output = plan.num_frames * pooled_out * itemsize
     slack = frame * itemsize  # small temporaries (scores, weights, views' bookkeeping) not counted above
-    return StageCost(peak_bytes=output + buffers * frame * itemsize + peak + slack, work=work)
+    return StageCost(peak_bytes=output + plan.num_slots * frame * itemsize + peak + slack, work=work)
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dtypes.h"
+#include "kernels.h"
 
 namespace stgridpool {
 namespace {
@@ -102,6 +103,8 @@ void resize(const at::Tensor& frame, const std::vector<at::Tensor>& places, int6
   });
 }
 
+}  // namespace
+
 void area_resize_into(const at::Tensor& frame, at::TensorList places, int64_t height, int64_t width) {
   TORCH_CHECK(frame.device().is_cpu() && frame.dim() == 3 && frame.stride(2) == 1,
               "area_resize_into: a (H, W, D) CPU frame with D innermost");
@@ -120,7 +123,6 @@ void area_resize_into(const at::Tensor& frame, at::TensorList places, int64_t he
   });
 }
 
-}  // namespace
 }  // namespace stgridpool
 
 TORCH_LIBRARY_FRAGMENT(stgridpool, m) {

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "dtypes.h"
+#include "kernels.h"
 
 namespace stgridpool {
 namespace {
@@ -107,6 +108,8 @@ void pool(const at::Tensor& x, const at::Tensor& out, int64_t k, double temperat
   });
 }
 
+}  // namespace
+
 void norm_pool_into(const at::Tensor& x, const at::Tensor& out, int64_t k, double temperature, double norm_p) {
   TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), "norm_pool_into: CPU tensors only");
   TORCH_CHECK(x.dim() == 4 && out.dim() == 4, "norm_pool_into: (N, H, W, D) features and output");
@@ -122,7 +125,6 @@ void norm_pool_into(const at::Tensor& x, const at::Tensor& out, int64_t k, doubl
   });
 }
 
-}  // namespace
 }  // namespace stgridpool
 
 // A dispatcher op: the profiler names it, and torch.compile can call it.
