@@ -106,6 +106,7 @@ class BatchRow(msgspec.Struct):
     median_ms: float
     per_video_ms: float
     ratio_to_batch_of_one: float  # time(B) / (B * time(1)); <= 1 is the target
+    page_faults: int  # minor page faults of one call after the timed rounds (fresh pages touched)
 
 
 class Report(msgspec.Struct):
@@ -278,13 +279,14 @@ def run_batches(dim: int, dtype: torch.dtype, cfg: STGridPoolConfig, stock, roun
         for fn in fns.values():
             fn()
         times = interleaved(fns, rounds)
+        faults = {name: page_faults(fn) for name, fn in fns.items()}
     rows = []
     for variant in ("eager", "stock"):
         one = statistics.median(times[f"{variant} B=1"])
         for b in BATCHES:
             med = statistics.median(times[f"{variant} B={b}"])
             rows.append(BatchRow(variant, dim, str(dtype).removeprefix("torch."), b, med * 1e3, med * 1e3 / b,
-                                 med / (b * one)))
+                                 med / (b * one), faults[f"{variant} B={b}"]))
     return rows
 
 
@@ -383,7 +385,8 @@ def main(argv=None) -> None:
             for row in run_batches(dim, dtype, cfg, stock, args.rounds):
                 batches.append(row)
                 print(f"  {row.variant:<6} D={dim} {row.dtype} B={row.batch}: {row.median_ms:.1f} ms, "
-                      f"{row.per_video_ms:.1f} ms per video, {row.ratio_to_batch_of_one:.2f}x B x one video")
+                      f"{row.per_video_ms:.1f} ms per video, {row.ratio_to_batch_of_one:.2f}x B x one video, "
+                      f"{row.page_faults} page faults per call")
     report = Report(
         torch_version=str(torch.__version__),
         vllm_version=str(vllm.__version__),
