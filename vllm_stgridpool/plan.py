@@ -103,7 +103,7 @@ class Plan:
     levels: tuple[LevelPlan, ...]  # only the levels that build at least one mosaic
     replaced: tuple[int, ...]  # frames whose final value is a mosaic
     steps: tuple[Step, ...]
-    slots: tuple[int, ...]  # each mosaic's buffer: a mosaic takes a consumed one's buffer
+    slots: tuple[int, ...]  # each mosaic's buffer (an index); a mosaic reuses the buffer of one already dropped
     num_slots: int  # (H, W, D) mosaic buffers the stage holds at once
 
 
