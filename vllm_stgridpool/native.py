@@ -136,7 +136,6 @@ def _program(plan: Plan, mosaics_only: bool) -> tuple[int, ...]:
     """``plan``'s steps as the flat integers run_plan reads, mosaics named by their buffers:
     POOL_FRAMES start stop; RESIZE from_input source height width count (slot top left rows cols) x count;
     POOL_MOSAIC slot row."""
-    row = {frame: i for i, frame in enumerate(plan.replaced)}
     program: list[int] = []
     for step in plan.steps:
         if isinstance(step, PoolFrames) and not mosaics_only:
@@ -149,7 +148,7 @@ def _program(plan: Plan, mosaics_only: bool) -> tuple[int, ...]:
                     program += [plan.slots[place.mosaic], place.top, place.left, place.rows, place.cols]
         elif isinstance(step, PoolMosaics):
             for mosaic, frame in zip(step.mosaics, step.frames):
-                program += [POOL_MOSAIC, plan.slots[mosaic], row[frame] if mosaics_only else frame]
+                program += [POOL_MOSAIC, plan.slots[mosaic], plan.pooled_row(frame, mosaics_only)]
     return tuple(program)
 
 

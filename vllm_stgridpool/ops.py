@@ -88,7 +88,6 @@ def _run_steps(frames: torch.Tensor, plan: Plan, pooled: torch.Tensor, pool: dic
         native.run_plan(frames, pooled, buffers, plan, mosaics_only=mosaics_only, **pool)
         return
     mosaics = [buffers[slot] for slot in plan.slots]  # (H, W, D), by mosaic
-    row = {frame: i for i, frame in enumerate(plan.replaced)} if mosaics_only else None
     for step in plan.steps:
         if isinstance(step, PoolFrames) and not mosaics_only:
             _norm_pool_into(frames[step.start : step.stop], pooled[step.start : step.stop], **pool)
@@ -96,7 +95,7 @@ def _run_steps(frames: torch.Tensor, plan: Plan, pooled: torch.Tensor, pool: dic
             _resize_into(frames if step.from_input else mosaics, step, mosaics)
         elif isinstance(step, PoolMosaics):
             for mosaic, frame in zip(step.mosaics, step.frames):
-                _norm_pool_into(mosaics[mosaic], pooled[frame if row is None else row[frame]], **pool)
+                _norm_pool_into(mosaics[mosaic], pooled[plan.pooled_row(frame, mosaics_only)], **pool)
 
 
 def _compiled_stage(videos: torch.Tensor, config: STGridPoolConfig) -> torch.Tensor:

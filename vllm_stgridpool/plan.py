@@ -106,6 +106,11 @@ class Plan:
     slots: tuple[int, ...]  # each mosaic's buffer (an index); a mosaic reuses the buffer of one already dropped
     num_slots: int  # (H, W, D) mosaic buffers the stage holds at once
 
+    def pooled_row(self, frame: int, mosaics_only: bool) -> int:
+        """The output row of a replaced ``frame``'s pooled mosaic: the frame itself, or with ``mosaics_only``
+        its place among the replaced frames."""
+        return self.replaced.index(frame) if mosaics_only else frame
+
 
 def sample_indices(num_frames: int, stride: int) -> tuple[int, ...]:
     """Frames a level samples: float32 linspace, round half to even, clamped."""
