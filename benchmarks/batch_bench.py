@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -35,15 +34,13 @@ import time
 from pathlib import Path
 
 import msgspec
-from gauge_peaks import KV_CACHE_USAGE, RUNNING_REQUESTS, GaugePeaks  # benchmarks/ is on sys.path
+from engine_setup import VIDEO_SIZE, RunFacts, build_checkpoint, run_facts  # benchmarks/ is on sys.path
+from gauge_peaks import KV_CACHE_USAGE, RUNNING_REQUESTS, GaugePeaks
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "batch_bench"
 RESULTS = ROOT / "benchmarks" / "results"
 
-# The serving benchmark's checkpoint: prefill and KV size follow the prompt length.
-CHECKPOINT_ARGS = dict(text_hidden=512, text_layers=6, text_heads=8, text_kv_heads=2)
-VIDEO_SIZE = (320, 240)
 QUESTION = "Describe the video."
 MAX_MODEL_LEN = 16384
 
@@ -76,16 +73,11 @@ class VariantResult(msgspec.Struct):
     ratio_to_stock: dict[str, float] = {}
 
 
-class Report(msgspec.Struct):
+class Report(RunFacts, kw_only=True):
     mode: str
-    vllm_version: str
-    machine: str
-    cpu_count: int
-    checkpoint: dict
     kv_cache_memory_bytes: int
     frames: int
     max_tokens: int
-    video_size: list[int]
     variants: list[VariantResult]
     total_s: float
 
@@ -178,9 +170,8 @@ def run_variant(job: dict) -> dict:
 def build_inputs(args) -> tuple[Path, list[Path]]:
     """The benchmark checkpoint and ``args.videos`` distinct mp4s (vLLM caches by content, so no repeats)."""
     from vllm_stgridpool.sample_videos import write_mp4
-    from vllm_stgridpool.tiny_models import build_llava_onevision
 
-    checkpoint = build_llava_onevision(ARTIFACTS / "llava-onevision-bench", **CHECKPOINT_ARGS)
+    checkpoint = build_checkpoint(ARTIFACTS)
     videos = []
     for i in range(args.videos):
         width = VIDEO_SIZE[0] + 2 * i  # a different clip each; all resized to 378 x 378, same tokens
@@ -344,18 +335,12 @@ def main(argv=None) -> None:
     checkpoint, videos = build_inputs(args)
     variants = [bench_variant(name, checkpoint, videos, args) for name in args.variants]
     add_ratios(variants)
-    import vllm
-
     report = Report(
+        **run_facts(),
         mode=args.mode,
-        vllm_version=vllm.__version__,
-        machine=f"{platform.machine()} {platform.processor() or platform.system()}",
-        cpu_count=os.cpu_count() or 0,
-        checkpoint={**CHECKPOINT_ARGS, "vision_hidden": 32, "vision_layers": 2, "grid": "27x27", "dtype": "float32"},
         kv_cache_memory_bytes=args.kv_cache_bytes,
         frames=args.frames,
         max_tokens=args.max_tokens,
-        video_size=list(VIDEO_SIZE),
         variants=variants,
         total_s=time.perf_counter() - started,
     )

@@ -35,7 +35,6 @@ import asyncio
 import base64
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -45,7 +44,8 @@ from pathlib import Path
 import httpx
 import msgspec
 
-from gauge_peaks import KV_CACHE_USAGE, RUNNING_REQUESTS, GaugePeaks  # noqa: E402 (benchmarks/ is on sys.path)
+from engine_setup import VIDEO_SIZE, RunFacts, build_checkpoint, run_facts  # benchmarks/ is on sys.path
+from gauge_peaks import KV_CACHE_USAGE, RUNNING_REQUESTS, GaugePeaks
 from vllm_stgridpool.launch import Server, start_server, vllm_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,11 +54,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # A text model big enough that prefill and KV size follow the prompt length,
 # small enough that a 64-frame request takes seconds on two CPU cores.
-CHECKPOINT_ARGS = dict(text_hidden=512, text_layers=6, text_heads=8, text_kv_heads=2)
 FRAME_COUNTS = (8, 16, 32, 64)
 SAMPLED_FRAMES = 64  # --media-io-kwargs num_frames, for every server
 KV_FRAMES = 64  # the request size the KV capacity is quoted for
-VIDEO_SIZE = (320, 240)
 PROMPT_TEXT = "Describe the video."
 MAX_MODEL_LEN = 16384
 MAX_BATCHED_TOKENS = 16384
@@ -123,31 +121,16 @@ class VariantResult(msgspec.Struct):
     ratio_to_stock: dict[str, float] = {}
 
 
-class Report(msgspec.Struct):
+class Report(RunFacts, kw_only=True):
     mode: str
-    vllm_version: str
-    machine: str
-    cpu_count: int
-    checkpoint: dict
     kv_cache_memory_bytes: int
     max_tokens: int
     load_frames: int
-    video_size: list[int]
     variants: list[VariantResult]
     total_s: float
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def build_checkpoint() -> Path:
-    """The benchmark checkpoint, built once into the git-ignored artifacts/ folder."""
-    from vllm_stgridpool.tiny_models import build_llava_onevision
-
-    started = time.perf_counter()
-    checkpoint = build_llava_onevision(ARTIFACTS / "llava-onevision-bench", **CHECKPOINT_ARGS)
-    print(f"checkpoint: {checkpoint} ({time.perf_counter() - started:.1f} s)", flush=True)
-    return checkpoint
 
 
 def video_url(frames: int, width: int = VIDEO_SIZE[0]) -> str:
@@ -548,23 +531,17 @@ def main(argv=None) -> None:
         replot(args.output)
         return
     started = time.perf_counter()
-    checkpoint = build_checkpoint()
+    checkpoint = build_checkpoint(ARTIFACTS)
     urls = {frames: video_url(frames) for frames in FRAME_COUNTS}
     variants = [bench_variant(name, checkpoint, urls, args) for name in args.variants]
     add_ratios(variants)
     total = time.perf_counter() - started
-    import vllm
-
     report = Report(
+        **run_facts(),
         mode=args.mode,
-        vllm_version=vllm.__version__,
-        machine=f"{platform.machine()} {platform.processor() or platform.system()}",
-        cpu_count=os.cpu_count() or 0,
-        checkpoint={**CHECKPOINT_ARGS, "vision_hidden": 32, "vision_layers": 2, "grid": "27x27", "dtype": "float32"},
         kv_cache_memory_bytes=args.kv_cache_bytes,
         max_tokens=args.max_tokens,
         load_frames=args.load_frames,
-        video_size=list(VIDEO_SIZE),
         variants=variants,
         total_s=total,
     )
