@@ -21,7 +21,8 @@ The machine may be shared: variants are timed in interleaved rounds (one
 call of each per round, the order rotating) and every ratio is the median of
 the per-round ratios, so a slow stretch hits all variants alike. Also
 reported: where eager time goes (``torch.profiler``, grouped into the norm
-pass, softmax weights, weighted sum, resize, tiling and allocation), peak
+pass, softmax weights, weighted sum, resize, tiling and allocation), the
+tokens stock and stage read per video (the work their times follow), peak
 memory beyond the input (from the profiler's allocation events), and batches
 of B = 1, 4, 8 videos at T = 32. Writes ``benchmarks/results/op_bench.json``
 and ``op_bench.png``.
@@ -59,7 +60,7 @@ from memory_peak import peak_bytes  # noqa: E402
 from reference_stgridpool import st_gridpool_reference  # noqa: E402
 
 from vllm_stgridpool import STGridPoolConfig, native, st_gridpool  # noqa: E402
-from vllm_stgridpool.plan import stage_cost  # noqa: E402
+from vllm_stgridpool.plan import PoolFrames, PoolMosaics, Resize, chunk_frames, make_plan, stage_cost  # noqa: E402
 
 NUM_FRAMES = 64
 GRID = 27
@@ -95,6 +96,7 @@ class Case(msgspec.Struct):
     stock_breakdown_ms: dict[str, float]
     peak_extra_mb: dict[str, float]  # beyond the input: with and without the output
     stage_cost_mb: float
+    token_reads: dict[str, int]  # tokens read from the features per video, see token_reads()
     targets_met: dict[str, bool]
 
 
@@ -165,6 +167,39 @@ def page_faults(fn) -> int:
 def ratio(times: dict[str, list[float]], name: str) -> float:
     pairs = list(zip(times[name], times["stock"]))
     return statistics.median(a / b for a, b in pairs)
+
+
+def token_reads(cfg: STGridPoolConfig, dim: int, itemsize: int) -> dict[str, int]:
+    """The tokens (D channels each) a video's pooling reads from its frames: the work its time follows.
+
+    Stock's bilinear pooling reads 2 x 2 taps per output token. NSP reads
+    each k x k window once (the fused kernel weights the window from L1).
+    The area resize reads every token of each output's window, rows
+    ``[floor(i * H / h), ceil((i + 1) * H / h))`` and likewise columns, so
+    windows overlap where h does not divide H; outputs no place keeps (the
+    crop) are skipped, as in the kernel. The plan is the one the stage runs
+    for these features (its segments follow their size).
+    """
+    plan = make_plan(NUM_FRAMES, GRID, GRID, cfg, chunk_frames(GRID, GRID, dim, itemsize))
+
+    def window(size: int, out: int, i: int) -> int:
+        return -(-(i + 1) * size // out) - i * size // out
+
+    out_h, out_w = plan.out_grid
+    k = plan.kernel_size
+    nsp = resize = 0
+    for step in plan.steps:
+        if isinstance(step, PoolFrames):
+            nsp += (step.stop - step.start) * out_h * out_w * k * k
+        elif isinstance(step, PoolMosaics):
+            nsp += len(step.mosaics) * out_h * out_w * k * k
+        elif isinstance(step, Resize):
+            h, w = step.size
+            for places in step.places:
+                resize += sum(window(GRID, h, i) * window(GRID, w, j) for i in range(h) for j in range(w)
+                              if any(i < p.rows and j < p.cols for p in places))
+    stock_side = -(-GRID // 2)
+    return {"stock": NUM_FRAMES * stock_side * stock_side * 4, "stage": nsp + resize, "nsp": nsp, "resize": resize}
 
 
 PARTS = (
@@ -256,6 +291,7 @@ def run_case(dim: int, dtype: torch.dtype, cfg: STGridPoolConfig, stock, rounds:
         peak_extra_mb={"with_output": peak / 1e6, "beyond_output": (peak - output_bytes) / 1e6,
                        "beyond_output_of_input": extra},
         stage_cost_mb=cost.peak_bytes / 1e6,
+        token_reads=token_reads(cfg, dim, x.element_size()),
         targets_met={
             "eager": ratio(times, "eager") <= TARGETS["eager"],
             "compiled": ratio(times, "compiled") <= TARGETS["compiled"],
@@ -314,6 +350,9 @@ def print_case(case: Case) -> None:
     print("  eager on PyTorch ops, breakdown, ms: "
           + ", ".join(f"{k} {v:.1f}" for k, v in case.ops_breakdown_ms.items() if v))
     print("  stock breakdown, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in case.stock_breakdown_ms.items() if v))
+    reads = case.token_reads
+    print(f"  tokens read per video: stock {reads['stock']:,}, stage {reads['stage']:,} (NSP {reads['nsp']:,}, "
+          f"resize {reads['resize']:,}), {reads['stage'] / reads['stock']:.2f}x stock")
 
 
 def plot(cases: list[Case], batches: list[BatchRow], path: str) -> None:
