@@ -52,8 +52,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "serve_bench"
 RESULTS = ROOT / "benchmarks" / "results"
 
-# A text model big enough that prefill and KV size follow the prompt length,
-# small enough that a 64-frame request takes seconds on two CPU cores.
 FRAME_COUNTS = (8, 16, 32, 64)
 SAMPLED_FRAMES = 64  # --media-io-kwargs num_frames, for every server
 KV_FRAMES = 64  # the request size the KV capacity is quoted for
