@@ -130,6 +130,22 @@ def test_the_stage_cost_cap_is_what_the_server_profiled(processor):
         check_request_cost(server, denser, shape)
 
 
+@pytest.mark.parametrize("norm_p", [1.0, 2.0, 3.0, 127.0])
+def test_no_pyramid_is_never_refused_as_costlier(processor, norm_p):
+    """NSP alone is cheaper than any pyramid, whatever the cost model says of its longer pooling steps.
+
+    On the tiny checkpoint (D = 64) a norm other than 1 or 2 pools the whole
+    64-frame video in a step whose scaled copy passes the pyramid's peak.
+    """
+    from vllm_stgridpool.activation import check_request_cost
+
+    shape = processor.info.stage_shape()
+    server = STGridPoolConfig()
+    nsp_only = STGridPoolConfig(grid_sizes=(), grid_strides=(), norm_p=norm_p)
+    check_request_cost(server, nsp_only, shape)
+    check_request_cost(server, STGridPoolConfig(norm_p=norm_p), shape)  # the server's pyramid at this norm
+
+
 @pytest.mark.parametrize(
     "mm_processor_kwargs, media_io_kwargs, own",
     [

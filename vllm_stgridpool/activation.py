@@ -150,15 +150,18 @@ def check_request_cost(server: STGridPoolConfig, request: STGridPoolConfig, shap
     # The pyramid is what can blow the stage's memory and work up (8 levels at stride 1 hold
     # many times the input); compare it with the server's at the request's own kernel and norm,
     # whose costs are bounded by the token check above and by the stage's chunked workspace.
-    same_but_pyramid = msgspec.structs.replace(
-        request, grid_sizes=server.grid_sizes, grid_strides=server.grid_strides
-    )
+    # No pyramid at all is always allowed: where no frame is replaced, NSP pools a whole segment
+    # in one step, which on a narrow model (D = 64) can hold more than the pyramid's shorter runs.
     args = (shape.max_frames, height, width, shape.channels)
-    allowed = plan.stage_cost(*args, same_but_pyramid, shape.itemsize)
+    pyramids = ((server.grid_sizes, server.grid_strides), ((), ()))
+    allowed = [
+        plan.stage_cost(*args, msgspec.structs.replace(request, grid_sizes=g, grid_strides=s), shape.itemsize)
+        for g, s in pyramids
+    ]
     needed = plan.stage_cost(*args, request, shape.itemsize)
     for what, need, limit in (
-        ("bytes of stage memory", needed.peak_bytes, allowed.peak_bytes),
-        ("units of stage work", needed.work, allowed.work),
+        ("bytes of stage memory", needed.peak_bytes, max(cost.peak_bytes for cost in allowed)),
+        ("units of stage work", needed.work, max(cost.work for cost in allowed)),
     ):
         if need > limit:
             raise STGridPoolConfigError(
