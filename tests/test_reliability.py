@@ -31,6 +31,8 @@ from transformers import AutoTokenizer
 
 from vllm_stgridpool.launch import start_server
 
+from hostile_videos import offsets_past_the_end
+
 pytestmark = pytest.mark.engine
 
 GRID = 27
@@ -242,6 +244,7 @@ def bad_inputs(video, mp4_factory, tmp_path_factory) -> dict[str, tuple[str, dic
         "zero_frames": (data_url(zero_frame_mp4(tmp_path_factory.mktemp("zero"))), {}, "0 frames"),
         "corrupt_bytes": (data_url(os.urandom(4096)), {}, "decode"),
         "truncated_mp4": (data_url(ten_frames[: len(ten_frames) // 2]), {}, "decode"),
+        "offsets_past_the_end": (data_url(offsets_past_the_end(ten_frames)), {}, "decode"),
         "not_a_url": ("not a url", {}, "not a url"),
         "bad_base64": ("data:video/mp4;base64,!!!", {}, "base64"),
         "unreachable_url": (UNREACHABLE_URL, {}, "could not fetch media from url http://127.0.0.1:9"),
@@ -274,8 +277,8 @@ def bad_inputs(video, mp4_factory, tmp_path_factory) -> dict[str, tuple[str, dic
 
 
 BAD_INPUT_NAMES = [
-    "zero_bytes", "zero_frames", "corrupt_bytes", "truncated_mp4", "not_a_url", "bad_base64",
-    "unreachable_url", "unknown_video_backend", "num_frames_not_a_number", "num_frames_over_max", "num_frames_all", "override_string", "override_list",
+    "zero_bytes", "zero_frames", "corrupt_bytes", "truncated_mp4", "offsets_past_the_end", "not_a_url",
+    "bad_base64", "unreachable_url", "unknown_video_backend", "num_frames_not_a_number", "num_frames_over_max", "num_frames_all", "override_string", "override_list",
     "override_unknown_key", "override_raises_max_frames", "override_disables",
     "kernel_size_zero", "kernel_size_negative", "kernel_size_huge", "kernel_size_over_grid",
     "kernel_size_costlier", "temperature_nan_string", "norm_p_zero", "levels_mismatched",
@@ -333,7 +336,7 @@ def test_soak_mixed_traffic(server, model, video, text_tokens, bad_inputs):
     bad = [
         bad_inputs[name]
         for name in (
-            "zero_bytes", "zero_frames", "corrupt_bytes", "truncated_mp4", "not_a_url",
+            "zero_bytes", "zero_frames", "corrupt_bytes", "truncated_mp4", "offsets_past_the_end", "not_a_url",
             "bad_base64", "num_frames_over_max", "override_list", "override_unknown_key",
             "kernel_size_zero", "kernel_size_costlier", "levels_enormous", "temperature_nan_string",
         )

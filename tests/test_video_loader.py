@@ -5,6 +5,8 @@ the same bytes through the same ``load_bytes`` interface vLLM calls.
 """
 
 import base64
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from vllm import envs
 from vllm.multimodal.media import ImageMediaIO, MediaConnector, VideoMediaIO
 from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 from vllm_stgridpool.video_loader import DecordVideoLoader, register_decord_loader
+
+from hostile_videos import offsets_past_the_end
 
 # (frame count, width, height, fps): short, odd-length and longer clips.
 VIDEO_SHAPES = {
@@ -160,6 +164,27 @@ def test_broken_input_raises_value_error(videos, kind):
     with pytest.raises(ValueError, match="Could not decode video") as caught:
         DecordVideoLoader.load_bytes(data, num_frames=32)
     assert "/github/" not in str(caught.value)
+
+
+def test_offsets_past_the_end_are_a_clear_error_not_a_crash(videos):
+    """An mp4 whose chunk offsets point past its end: a ValueError, and the process lives on.
+
+    decord's in-memory reader segfaulted on it, which in a server ends the
+    API process; the loader runs in a child here so a crash fails this test
+    instead of ending the session.
+    """
+    data = offsets_past_the_end(videos["40f_160x120_30fps"])
+    code = (
+        "import sys\n"
+        "from vllm_stgridpool.video_loader import DecordVideoLoader\n"
+        "try:\n"
+        "    DecordVideoLoader.load_bytes(sys.stdin.buffer.read(), num_frames=8)\n"
+        "except ValueError as error:\n"
+        "    print('ValueError:', error)\n"
+    )
+    child = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, timeout=300)
+    assert child.returncode == 0, f"the loader's process ended with {child.returncode}: {child.stderr[-2000:]!r}"
+    assert b"ValueError: Could not decode video" in child.stdout, child.stdout
 
 
 def test_accepts_every_opencv_keyword(videos):

@@ -5,10 +5,19 @@ mp4, so the request fails. ``decord`` decodes such files, and fetches the
 sampled frames with one batched, seeking call. Select it with
 ``VLLM_VIDEO_LOADER_BACKEND=decord`` or
 ``--media-io-kwargs '{"video": {"video_backend": "decord"}}'``.
+
+decord reads the upload from a temporary file, never from memory: its
+in-memory reader trusts the container's offsets, and a seek past the end
+makes it copy from beyond its buffer, a segfault that ends the API server
+for every client. Its file reader goes through FFmpeg's own I/O, which
+answers such a seek with an error.
 """
 
+import contextlib
 import io
 import re
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy.typing as npt
@@ -73,7 +82,15 @@ class DecordVideoLoader(VideoLoader):
                 answers it with HTTP 400), or a frame exceeds
                 ``VLLM_MAX_IMAGE_PIXELS``.
         """
-        reader = _open_reader(data)
+        with _video_file(data) as path:
+            return cls._load_file(path, data, num_frames, fps, max_duration, **kwargs)
+
+    @classmethod
+    def _load_file(
+        cls, path: str, data: bytes, num_frames: int, fps: float, max_duration: float, **kwargs: Any
+    ) -> tuple[npt.NDArray, dict[str, Any]]:
+        """:meth:`load_bytes` on the upload written to ``path`` (``data`` feeds the PyAV fallback)."""
+        reader = _open_reader(path)
         if len(reader) == 0:
             raise ValueError("Could not decode video: it has no frames.")
         # Frame 0 is always sampled, so probing it costs one extra frame decode.
@@ -123,16 +140,25 @@ def register_decord_loader() -> type[DecordVideoLoader]:
     return DecordVideoLoader
 
 
-def _open_reader(data: bytes):
-    """Open an in-memory decord reader; no temporary file is written."""
+@contextlib.contextmanager
+def _video_file(data: bytes) -> Iterator[str]:
+    """The upload as a temporary file (in ``TMPDIR``), removed when the block ends (see the module's note)."""
     if not data:
         raise ValueError("Could not decode video: the video data is empty.")
+    with tempfile.NamedTemporaryFile(prefix="stgridpool-video-") as file:
+        file.write(data)
+        file.flush()
+        yield file.name
+
+
+def _open_reader(path: str):
+    """A decord reader of the video file at ``path``."""
     import decord
 
     # decord raises RuntimeError, decord.DECORDError or AssertionError for
     # input it cannot parse; each means the client sent a broken video.
     try:
-        return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
+        return decord.VideoReader(path, ctx=decord.cpu(0))
     except Exception as error:
         raise _undecodable(error) from error
 
