@@ -134,8 +134,8 @@ def test_the_stage_cost_cap_is_what_the_server_profiled(processor):
 def test_no_pyramid_is_never_refused_as_costlier(processor, norm_p):
     """NSP alone is cheaper than any pyramid, whatever the cost model says of its longer pooling steps.
 
-    On the tiny checkpoint (D = 64) a norm other than 1 or 2 pools the whole
-    64-frame video in a step whose scaled copy passes the pyramid's peak.
+    On the tiny checkpoint (D = 64) a norm other than 1 or 2 pools a 44-frame
+    segment in one step, whose scaled copy passes the pyramid's peak.
     """
     from vllm_stgridpool.activation import check_request_cost
 

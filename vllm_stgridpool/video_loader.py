@@ -14,7 +14,6 @@ answers such a seek with an error.
 """
 
 import contextlib
-import io
 import re
 import tempfile
 from collections.abc import Iterator
@@ -83,13 +82,13 @@ class DecordVideoLoader(VideoLoader):
                 ``VLLM_MAX_IMAGE_PIXELS``.
         """
         with _video_file(data) as path:
-            return cls._load_file(path, data, num_frames, fps, max_duration, **kwargs)
+            return cls._load_file(path, num_frames, fps, max_duration, **kwargs)
 
     @classmethod
     def _load_file(
-        cls, path: str, data: bytes, num_frames: int, fps: float, max_duration: float, **kwargs: Any
+        cls, path: str, num_frames: int, fps: float, max_duration: float, **kwargs: Any
     ) -> tuple[npt.NDArray, dict[str, Any]]:
-        """:meth:`load_bytes` on the upload written to ``path`` (``data`` feeds the PyAV fallback)."""
+        """:meth:`load_bytes` on the upload written to ``path``."""
         reader = _open_reader(path)
         if len(reader) == 0:
             raise ValueError("Could not decode video: it has no frames.")
@@ -120,7 +119,7 @@ class DecordVideoLoader(VideoLoader):
             # decord 0.6 mis-sizes frames of some narrow widths (1, 2, 3, 4, 6,
             # 8, 12, 16, ...); PyAV decodes those. Truly broken input fails both.
             try:
-                frames = _decode_with_pyav(data, frame_indices)
+                frames = _decode_with_pyav(path, frame_indices)
             except ValueError:
                 raise decord_error from None
         return frames, cls.create_hf_metadata(
@@ -178,15 +177,15 @@ def _decode(read) -> npt.NDArray:
     return torch.utils.dlpack.from_dlpack(batch.to_dlpack()).numpy()
 
 
-def _decode_with_pyav(data: bytes, frame_indices: list[int]) -> npt.NDArray:
-    """The frames at ``frame_indices`` (in decode order), decoded by PyAV from memory."""
+def _decode_with_pyav(path: str, frame_indices: list[int]) -> npt.NDArray:
+    """The frames at ``frame_indices`` (in decode order) of the video file at ``path``, decoded by PyAV."""
     import av
     import numpy as np
 
     wanted = set(frame_indices)
     picked = {}
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(path) as container:
             for index, frame in enumerate(container.decode(video=0)):
                 if index in wanted:
                     picked[index] = frame.to_ndarray(format="rgb24")
