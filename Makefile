@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile patches/vllm_stgridpool_boot.pth
 	touch $@
 
 demo: setup
-	$(BIN)/python -m vllm_stgridpool.demo
+	$(BIN)/python examples/demo.py
 
 # Two workers, one test module each at a time: most modules wait on vLLM start-ups that use one core.
 test: setup

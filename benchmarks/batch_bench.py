@@ -169,7 +169,7 @@ def run_variant(job: dict) -> dict:
 
 def build_inputs(args) -> tuple[Path, list[Path]]:
     """The benchmark checkpoint and ``args.videos`` distinct mp4s (vLLM caches by content, so no repeats)."""
-    from vllm_stgridpool.sample_videos import write_mp4
+    from vllm_stgridpool_testing.sample_videos import write_mp4
 
     checkpoint = build_checkpoint(ARTIFACTS)
     videos = []

@@ -45,7 +45,7 @@ def run_facts() -> dict:
 
 def build_checkpoint(artifacts: Path) -> Path:
     """The benchmark checkpoint, built once into ``artifacts`` (a git-ignored folder)."""
-    from vllm_stgridpool.tiny_models import build_llava_onevision
+    from vllm_stgridpool_testing.tiny_models import build_llava_onevision
 
     started = time.perf_counter()
     checkpoint = build_llava_onevision(artifacts / "llava-onevision-bench", **CHECKPOINT_ARGS)

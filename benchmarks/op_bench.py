@@ -54,10 +54,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)  # tests.support: the float64 reference and the peak-memory gauge
 
-from memory_peak import peak_bytes  # noqa: E402
-from reference_stgridpool import st_gridpool_reference  # noqa: E402
+from tests.support.memory_peak import peak_bytes  # noqa: E402
+from tests.support.reference_stgridpool import st_gridpool_reference  # noqa: E402
 
 from vllm_stgridpool import STGridPoolConfig, native, st_gridpool  # noqa: E402
 from vllm_stgridpool.plan import PoolFrames, PoolMosaics, Resize, chunk_frames, make_plan, stage_cost  # noqa: E402

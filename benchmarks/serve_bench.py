@@ -46,7 +46,7 @@ import msgspec
 
 from engine_setup import VIDEO_SIZE, RunFacts, build_checkpoint, run_facts  # benchmarks/ is on sys.path
 from gauge_peaks import KV_CACHE_USAGE, RUNNING_REQUESTS, GaugePeaks
-from vllm_stgridpool.launch import Server, start_server, vllm_command
+from vllm_stgridpool_testing.launch import Server, start_server, vllm_command
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "serve_bench"
@@ -133,7 +133,7 @@ class Report(RunFacts, kw_only=True):
 
 def video_url(frames: int, width: int = VIDEO_SIZE[0]) -> str:
     """A real mp4 (content changing every frame) as a base64 data URL, for the token counts."""
-    from vllm_stgridpool.sample_videos import write_mp4
+    from vllm_stgridpool_testing.sample_videos import write_mp4
 
     path = write_mp4(ARTIFACTS / "videos" / f"clip_{frames}f_{width}w.mp4", frames, width, VIDEO_SIZE[1])
     return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_stgridpool.sample_videos import DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, write_mp4
-from vllm_stgridpool.tiny_models import build_llava_next_video, build_llava_onevision
+from vllm_stgridpool_testing.sample_videos import DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, write_mp4
+from vllm_stgridpool_testing.tiny_models import build_llava_next_video, build_llava_onevision
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def next_video_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def onevision_replica(tmp_path_factory):
     """A replica of llava-hf/llava-onevision-qwen2-7b-ov-hf: its structure and files, depth and widths shrunk."""
-    from vllm_stgridpool.tiny_models import build_onevision_replica
+    from vllm_stgridpool_testing.tiny_models import build_onevision_replica
 
     return build_onevision_replica(tmp_path_factory.mktemp("replicas") / "llava-onevision-qwen2-7b-ov-hf")
 
@@ -31,7 +31,7 @@ def onevision_replica(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llava_video_replica(tmp_path_factory):
     """A replica of llava-hf/LLaVA-Video-7B-Qwen2-hf, in a folder named like the checkpoint (grid layout)."""
-    from vllm_stgridpool.tiny_models import build_llava_video_replica
+    from vllm_stgridpool_testing.tiny_models import build_llava_video_replica
 
     return build_llava_video_replica(tmp_path_factory.mktemp("replicas") / "LLaVA-Video-7B-Qwen2-hf")
 
@@ -39,7 +39,7 @@ def llava_video_replica(tmp_path_factory):
 @pytest.fixture(scope="session")
 def next_video_replica(tmp_path_factory):
     """A replica of llava-hf/LLaVA-NeXT-Video-7B-hf: its structure and files, depth and widths shrunk."""
-    from vllm_stgridpool.tiny_models import build_next_video_replica
+    from vllm_stgridpool_testing.tiny_models import build_next_video_replica
 
     return build_next_video_replica(tmp_path_factory.mktemp("replicas") / "LLaVA-NeXT-Video-7B-hf")
 

@@ -15,8 +15,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vllm_stgridpool.sample_videos import DECORD_BAD_WIDTHS, mp4_bytes, synthetic_frame
-from vllm_stgridpool.tiny_models import (
+from vllm_stgridpool_testing.sample_videos import DECORD_BAD_WIDTHS, mp4_bytes, synthetic_frame
+from vllm_stgridpool_testing.tiny_models import (
     MARKER_NAME,
     build_llava_next_video,
     build_llava_onevision,

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tests.engines import two_at_a_time
-from vllm_stgridpool.launch import vllm_command
+from tests.support.engines import two_at_a_time
+from vllm_stgridpool_testing.launch import vllm_command
 
 pytestmark = pytest.mark.engine
 

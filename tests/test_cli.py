@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engines import two_at_a_time
+from tests.support.engines import two_at_a_time
 from vllm_stgridpool.compat import REFUSAL_SAID, vllm_cli
 
 VLLM = str(Path(sys.executable).with_name("vllm"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engines import two_at_a_time
+from tests.support.engines import two_at_a_time
 import vllm_stgridpool.compat as compat
 from vllm_stgridpool import plugin
 from vllm_stgridpool.compat import Feature, Guard, media_fetch, model_redirect
@@ -195,7 +195,7 @@ def test_unsupported_vllm_refuses_the_plugin_while_stock_serving_works(unsupport
     supported versions; without it the stock server answers, and its log says once that the
     plugin is not active (API server, engine core and worker all load it)."""
     from test_cli import build_tiny_qwen2
-    from vllm_stgridpool.launch import Server, free_port
+    from vllm_stgridpool_testing.launch import Server, free_port
 
     model = build_tiny_qwen2(tmp_path / "tiny-qwen2")
     vllm_command = str(Path(sys.executable).with_name("vllm"))

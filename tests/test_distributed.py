@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from tests.test_batch import text_tokens, video_tokens
-from vllm_stgridpool.launch import start_server
+from vllm_stgridpool_testing.launch import start_server
 
 pytestmark = [
     pytest.mark.engine,

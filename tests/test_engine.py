@@ -12,8 +12,8 @@ import functools
 import pytest
 from transformers import AutoTokenizer
 
-from tests.engine_runner import NEXT_VIDEO_PROMPT, PROMPT
-from tests.engines import run_engine, two_at_a_time
+from tests.support.engine_runner import NEXT_VIDEO_PROMPT, PROMPT
+from tests.support.engines import run_engine, two_at_a_time
 
 pytestmark = pytest.mark.engine
 
@@ -179,7 +179,7 @@ def test_parity_with_transformers(onevision_active, onevision_checkpoint):
     import torch
     from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-    from tests.engine_runner import video
+    from tests.support.engine_runner import video
     from vllm_stgridpool import STGridPoolConfig, st_gridpool
 
     config = STGridPoolConfig()

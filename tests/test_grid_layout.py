@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from tests.reference_layout import add_token_per_grid
-from tests.reference_stgridpool import st_gridpool_reference
+from tests.support.reference_layout import add_token_per_grid
+from tests.support.reference_stgridpool import st_gridpool_reference
 from vllm_stgridpool.config import STGridPoolConfig, STGridPoolConfigError, STGridPoolSettings
 from vllm_stgridpool.models.llava_onevision import (
     STGridPoolLlavaOnevisionForConditionalGeneration as OneVision,

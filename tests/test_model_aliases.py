@@ -16,7 +16,7 @@ import logging
 import pytest
 
 from vllm_stgridpool.compat import model_aliases
-from vllm_stgridpool.launch import start_server
+from vllm_stgridpool_testing.launch import start_server
 
 PUBLISHED = {  # the table, written out independently of the module
     "llava-video": "llava-hf/LLaVA-Video-7B-Qwen2-hf",

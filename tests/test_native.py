@@ -8,19 +8,15 @@ compiler exists, and the stage must keep serving where it cannot be built.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+from tests.support.reference_stgridpool import nsp as reference_nsp
 
-from reference_stgridpool import nsp as reference_nsp  # noqa: E402
-
-from vllm_stgridpool import STGridPoolConfig, native, st_gridpool  # noqa: E402
-from vllm_stgridpool.ops import norm_pool  # noqa: E402
+from vllm_stgridpool import STGridPoolConfig, native, st_gridpool
+from vllm_stgridpool.ops import norm_pool
 
 
 def randn(*shape, seed, dtype=torch.float64, scale=1.0):

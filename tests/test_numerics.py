@@ -14,21 +14,17 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.dirname(__file__))
+from tests.support.reference_stgridpool import ptg, ptg_level, st_gridpool_reference
 
-from reference_stgridpool import ptg, ptg_level, st_gridpool_reference  # noqa: E402
-
-from vllm_stgridpool import STGridPoolConfig, st_gridpool  # noqa: E402
-from vllm_stgridpool import native  # noqa: E402
-from vllm_stgridpool.config import (  # noqa: E402
+from vllm_stgridpool import STGridPoolConfig, st_gridpool
+from vllm_stgridpool import native
+from vllm_stgridpool.config import (
     MAX_ABS_TEMPERATURE,
     MAX_GRID_SIZE,
     MAX_GRID_STRIDE,

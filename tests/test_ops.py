@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -15,10 +13,8 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from memory_peak import peak_bytes  # noqa: E402
-from reference_stgridpool import (  # noqa: E402
+from tests.support.memory_peak import peak_bytes
+from tests.support.reference_stgridpool import (
     build_mosaic,
     mosaic_layout,
     nsp,
@@ -27,9 +23,9 @@ from reference_stgridpool import (  # noqa: E402
     st_gridpool_reference,
 )
 
-from vllm_stgridpool import STGridPoolConfig, st_gridpool  # noqa: E402
-from vllm_stgridpool import plan as plan_module  # noqa: E402
-from vllm_stgridpool import native  # noqa: E402
+from vllm_stgridpool import STGridPoolConfig, st_gridpool
+from vllm_stgridpool import plan as plan_module
+from vllm_stgridpool import native
 
 P_VALUES = (0.5, 1.0, 2.0, 3.0, 2.5)
 

@@ -29,9 +29,9 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from vllm_stgridpool.launch import start_server
+from vllm_stgridpool_testing.launch import start_server
 
-from hostile_videos import offsets_past_the_end
+from tests.support.hostile_videos import offsets_past_the_end
 
 pytestmark = pytest.mark.engine
 

@@ -29,10 +29,10 @@ import openai
 import pytest
 import torch
 
-from tests.engines import run_engine, servers_started
-from tests.reference_layout import add_token_per_grid
-from tests.reference_stgridpool import st_gridpool_reference
-from vllm_stgridpool.launch import start_server
+from tests.support.engines import run_engine, servers_started
+from tests.support.reference_layout import add_token_per_grid
+from tests.support.reference_stgridpool import st_gridpool_reference
+from vllm_stgridpool_testing.launch import start_server
 
 pytestmark = pytest.mark.engine
 
@@ -305,7 +305,7 @@ def stock_pooling_in_the_grid_layout(llava_video_replica) -> dict:
 
 def test_stock_pooling_in_the_grid_layout_matches_transformers(launched, llava_video_replica):
     """``"enabled": false`` on LLaVA-Video: vLLM's bilinear pooling, LLaVA-Video's layout (the paper's baseline)."""
-    from tests.engine_runner import PROMPT, video
+    from tests.support.engine_runner import PROMPT, video
 
     served = launched["stock grid"].result()
     reference = onevision_in_transformers(llava_video_replica, PROMPT, video(16, seed=0), kernel=None, layout="grid")

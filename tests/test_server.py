@@ -15,7 +15,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from vllm_stgridpool.launch import start_server
+from vllm_stgridpool_testing.launch import start_server
 from vllm_stgridpool.metrics import read_counter
 
 pytestmark = pytest.mark.engine
@@ -247,7 +247,7 @@ def test_request_settings_reach_the_model(client, decoded, onevision_checkpoint,
     the settings are strong ones and the baseline differs in exactly the
     field under test.
     """
-    from tests.hf_reference import first_step_logprobs
+    from tests.support.hf_reference import first_step_logprobs
 
     path, frames = decoded
     text, _ = rendered_tokens(onevision_checkpoint, ["video"])

@@ -19,7 +19,7 @@ from vllm.multimodal.media import ImageMediaIO, MediaConnector, VideoMediaIO
 from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 from vllm_stgridpool.video_loader import DecordVideoLoader, register_decord_loader
 
-from hostile_videos import offsets_past_the_end
+from tests.support.hostile_videos import offsets_past_the_end
 
 # (frame count, width, height, fps): short, odd-length and longer clips.
 VIDEO_SHAPES = {
@@ -271,7 +271,7 @@ def test_server_media_connector_uses_decord(videos, one_frame_mp4):
 @pytest.mark.parametrize(("frames", "width", "height"), [(1, 1, 1), (3, 7, 1000), (2, 4000, 16), (5, 16, 16)])
 def test_extreme_frame_sizes_decode(frames, width, height):
     """decord 0.6 mis-sizes some narrow widths; those frames come from PyAV instead."""
-    from vllm_stgridpool.sample_videos import mp4_bytes
+    from vllm_stgridpool_testing.sample_videos import mp4_bytes
 
     decoded, metadata = DecordVideoLoader.load_bytes(mp4_bytes(frames, width=width, height=height))
     assert decoded.shape == (frames, height, width, 3)

@@ -11,7 +11,6 @@ setting, and not at all when the server says ``allow_request_overrides: false``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -24,7 +23,7 @@ from vllm_stgridpool.config import (
     STGridPoolConfigError,
     STGridPoolSettings,
 )
-from vllm_stgridpool import plan
+from vllm_stgridpool import envs, plan
 
 PLUGIN_NAME = "stgridpool"
 
@@ -40,7 +39,7 @@ BUDGET_KEY = "max_video_tokens"  # the one server setting a request may also sen
 
 
 def named_in_vllm_plugins() -> bool:
-    allowed = os.environ.get("VLLM_PLUGINS")
+    allowed = envs.VLLM_PLUGINS
     if allowed is None:
         return False
     return PLUGIN_NAME in {name.strip() for name in allowed.split(",")}

@@ -15,8 +15,8 @@ every plugin loads) it logs that once and vLLM runs as shipped.
 from __future__ import annotations
 
 import logging
-import os
 
+from vllm_stgridpool import envs
 from vllm_stgridpool.compat import (
     Feature,
     Guard,
@@ -170,7 +170,7 @@ def _frame_sampling_hook(previous, extra_tokens: int, decord_by_default: bool):
             request_trust.mark_active()  # its own request key needs no blanket trust (P6)
             video = mm_config.media_io_kwargs.setdefault("video", {})
             video.setdefault("num_frames", default_num_frames(settings, model_config, extra_tokens))
-            if decord_by_default and "video_backend" not in video and "VLLM_VIDEO_LOADER_BACKEND" not in os.environ:
+            if decord_by_default and "video_backend" not in video and envs.VLLM_VIDEO_LOADER_BACKEND is None:
                 video["video_backend"] = "decord"
 
         @staticmethod

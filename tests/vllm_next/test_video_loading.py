@@ -8,7 +8,7 @@ import base64
 
 import pytest
 
-from vllm_stgridpool.sample_videos import write_mp4
+from vllm_stgridpool_testing.sample_videos import write_mp4
 
 
 def data_url(path) -> str:

@@ -79,7 +79,9 @@ def say_refusal_once(message: str, say) -> bool:
     plugin is not active; returns whether it spoke."""
     import os
 
-    if os.environ.get(REFUSAL_SAID) == "1":
+    from vllm_stgridpool import envs
+
+    if envs.STGRIDPOOL_UNSUPPORTED_VLLM_REPORTED:
         return False
     os.environ[REFUSAL_SAID] = "1"
     say(message)

@@ -2,7 +2,7 @@
 
 By default everything is local: a tiny random-weight LLaVA-OneVision
 checkpoint and an mp4 whose content changes over time are built once into
-``artifacts/demo/``, and ``llava-video`` becomes a model alias for that
+``./artifacts/demo/``, and ``llava-video`` becomes a model alias for that
 checkpoint (vLLM's ``VLLM_MODEL_REDIRECT_PATH``). The demo then starts
 ``vllm serve llava-video --plugins stgridpool``, sends one chat request with
 the video as a ``video_url`` through the ``openai`` client, and prints the
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 ALIAS = "llava-video"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = Path(os.environ.get("STGRIDPOOL_ARTIFACTS", REPO_ROOT / "artifacts"))
+# Under the directory it is run from (the repository root for `make demo`), never next to the code.
+ARTIFACTS = Path(os.environ.get("STGRIDPOOL_ARTIFACTS", "artifacts")).resolve()
 # Sized for a 2-core CPU machine: an explicit KV cache, float32 like the tests.
 TINY_SERVER_ARGS = (
     "--max-model-len", "16384", "--kv-cache-memory-bytes", "1073741824",
@@ -36,8 +36,8 @@ TINY_SERVER_ARGS = (
 
 def prepare_local_assets(folder: Path) -> tuple[Path, Path, Path]:
     """Build (once) the tiny checkpoint, the demo mp4 and the ``llava-video`` alias file."""
-    from vllm_stgridpool.sample_videos import write_mp4
-    from vllm_stgridpool.tiny_models import build_llava_onevision
+    from vllm_stgridpool_testing.sample_videos import write_mp4
+    from vllm_stgridpool_testing.tiny_models import build_llava_onevision
 
     checkpoint = build_llava_onevision(folder / "llava-onevision-tiny")
     video = folder / "demo_48_frames.mp4"
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from openai import OpenAI
 
-    from vllm_stgridpool.launch import start_server
+    from vllm_stgridpool_testing.launch import start_server
     from vllm_stgridpool.metrics import read_counter
 
     folder = ARTIFACTS / "demo"

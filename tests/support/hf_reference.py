@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from tests.reference_stgridpool import st_gridpool_reference
+from tests.support.reference_stgridpool import st_gridpool_reference
 
 DEFAULTS = {"grid_sizes": (4, 4, 4), "grid_strides": (2, 4, 8), "kernel_size": 2, "temperature": 1.0, "norm_p": 2.0}
 

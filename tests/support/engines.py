@@ -84,7 +84,7 @@ def servers_started(*launches):
     Yields their finished futures, in order (``.result()``: the server, or the
     failure); stops every server that started when done.
     """
-    from vllm_stgridpool.launch import Server
+    from vllm_stgridpool_testing.launch import Server
 
     futures = two_at_a_time(*launches)
     try:
