@@ -7,15 +7,9 @@ import types
 import pytest
 
 from vllm_stgridpool import STGridPoolConfig
-from vllm_stgridpool.activation import (
-    check_num_frames,
-    config_from_row,
-    config_to_row,
-    RequestSettings,
-    StageShape,
-    request_settings,
-    settings_for,
-)
+from vllm_stgridpool.activation import settings_for
+from vllm_stgridpool.config_rows import config_from_row, config_to_row
+from vllm_stgridpool.request_rules import RequestSettings, StageShape, check_num_frames, request_settings
 from vllm_stgridpool.config import STGridPoolSettings
 from vllm_stgridpool.plugin import UnsupportedVLLMVersion, check_vllm_version
 

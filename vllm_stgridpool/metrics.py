@@ -17,6 +17,10 @@ from typing import NamedTuple
 
 logger = logging.getLogger("vllm.stgridpool")
 
+# Where the processor puts a request's VideoRecords in the engine input it returns; P8 counts them
+# once vLLM has accepted the request.
+RECORDS_KEY = "stgridpool_videos"
+
 _lock = threading.Lock()
 _counters = None
 

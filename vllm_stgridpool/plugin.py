@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 from vllm_stgridpool import envs
+from vllm_stgridpool.families import FAMILIES
 from vllm_stgridpool.compat import (
     Feature,
     Guard,
@@ -29,14 +30,6 @@ from vllm_stgridpool.compat import (
 logger = logging.getLogger("vllm.stgridpool")
 
 
-_MODELS = {
-    "LlavaOnevisionForConditionalGeneration": (
-        "vllm_stgridpool.models.llava_onevision:STGridPoolLlavaOnevisionForConditionalGeneration"
-    ),
-    "LlavaNextVideoForConditionalGeneration": (
-        "vllm_stgridpool.models.llava_next_video:STGridPoolLlavaNextVideoForConditionalGeneration"
-    ),
-}
 
 _registered = False
 
@@ -104,14 +97,14 @@ def register() -> None:
     accepted_metrics.apply(version)
     if named_in_vllm_plugins():  # an explicit opt-in: only then change vLLM's error codes
         media_fetch.apply(version)
-    for architecture, model_class in _MODELS.items():
-        ModelRegistry.register_model(architecture, model_class)
+    for architecture, family in FAMILIES.items():
+        ModelRegistry.register_model(architecture, family.model_class)
     _register_frame_sampling_default(DECORD_BY_DEFAULT.applies(version))
     from vllm_stgridpool.video_loader import register_decord_loader
 
     register_decord_loader()
     _registered = True
-    logger.debug("vllm-stgridpool registered for %s", ", ".join(_MODELS))
+    logger.debug("vllm-stgridpool registered for %s", ", ".join(FAMILIES))
 
 
 def _register_frame_sampling_default(decord_by_default: bool) -> None:
@@ -127,14 +120,12 @@ def _register_frame_sampling_default(decord_by_default: bool) -> None:
     """
     from vllm.model_executor.models import config as model_hooks
 
-    from vllm_stgridpool.activation import VIDEO_EXTRA_TOKENS
-
-    for architecture in _MODELS:
+    for architecture, family in FAMILIES.items():
         previous = model_hooks.MODELS_CONFIG_MAP.get(architecture)
         if previous is not None and getattr(previous, "_stgridpool", False):
             continue
         model_hooks.MODELS_CONFIG_MAP[architecture] = _frame_sampling_hook(
-            previous, VIDEO_EXTRA_TOKENS[architecture], decord_by_default
+            previous, family.video_extra_tokens, decord_by_default
         )
 
 

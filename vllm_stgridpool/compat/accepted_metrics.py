@@ -4,7 +4,7 @@ The plugin's processor knows each video's token count, but it runs before
 vLLM's own checks of the processed prompt (``--max-model-len``, sampling
 parameters): counting there also counted videos of requests that vLLM then
 rejected. The processor now attaches its per-video records to the engine
-input it returns (key :data:`RECORDS_KEY`), and this wraps
+input it returns (key ``metrics.RECORDS_KEY``), and this wraps
 ``InputProcessor.process_inputs``: the records are counted after that method
 returns, i.e. after every validation vLLM makes before it queues the request.
 Ledger entry: patches/README.md, P8.
@@ -15,8 +15,6 @@ from __future__ import annotations
 import functools
 
 from vllm_stgridpool.compat import Feature, Guard
-
-RECORDS_KEY = "stgridpool_videos"  # list of metrics.VideoRecord in a processed engine input
 
 # The same method, taking the request id and the processed prompt first, in vLLM 0.32 and 0.33.
 GUARD = Guard(
@@ -44,7 +42,7 @@ def count_when_accepted(process_inputs):
     @functools.wraps(process_inputs)
     def process_inputs_counted(self, request_id, prompt, *args, **kwargs):
         request = process_inputs(self, request_id, prompt, *args, **kwargs)
-        records = prompt.get(RECORDS_KEY) if isinstance(prompt, dict) else None
+        records = prompt.get(metrics.RECORDS_KEY) if isinstance(prompt, dict) else None
         for record in records or ():
             metrics.record_video(record)
         return request

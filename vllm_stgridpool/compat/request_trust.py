@@ -4,7 +4,7 @@ vLLM 0.32 refuses every per-request ``mm_processor_kwargs`` (and
 ``media_io_kwargs``) unless the server runs with ``--trust-request-mm-kwargs``,
 a blanket flag that opens every processor option (image sizes, frame counts)
 to every client. The ``stgridpool`` object is capped by the plugin itself (a
-request can only make a video cheaper, see ``activation.request_config``), so
+request can only make a video cheaper, see ``request_rules.request_settings``), so
 it needs no such trust. This wraps vLLM's ``validate_request_mm_kwargs``: when
 ST-GridPool is active for the model this process serves and the request's
 ``mm_processor_kwargs`` hold the ``stgridpool`` key and nothing else (and it
@@ -67,7 +67,7 @@ def apply(vllm_version: str) -> bool:
 
 
 def trust_own_key(validate):
-    from vllm_stgridpool.activation import REQUEST_KEY
+    from vllm_stgridpool.request_rules import REQUEST_KEY
 
     @functools.wraps(validate)
     def validate_trusting_own_key(*, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs):

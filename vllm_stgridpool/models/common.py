@@ -25,21 +25,18 @@ from vllm.multimodal.parse import VideoEmbeddingItems, VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from vllm_stgridpool import metrics, native
-from vllm_stgridpool.activation import (
+from vllm_stgridpool.activation import plugin_settings, settings_for
+from vllm_stgridpool.budget import VideoFit, fit_video, sample_frames
+from vllm_stgridpool.config import STGridPoolConfig, STGridPoolConfigError, STGridPoolSettings
+from vllm_stgridpool.config_rows import config_from_row, config_to_row
+from vllm_stgridpool.ops import st_gridpool
+from vllm_stgridpool.request_rules import (
     REQUEST_KEY,
     RequestSettings,
     StageShape,
     check_num_frames,
-    config_from_row,
-    config_to_row,
-    plugin_settings,
     request_settings,
-    settings_for,
 )
-from vllm_stgridpool.budget import VideoFit, fit_video, sample_frames
-from vllm_stgridpool.compat.accepted_metrics import RECORDS_KEY
-from vllm_stgridpool.config import STGridPoolConfig, STGridPoolConfigError, STGridPoolSettings
-from vllm_stgridpool.ops import st_gridpool
 
 
 CONFIG_FIELD = "stgridpool_config"
@@ -52,7 +49,7 @@ class STGridPoolProcessingInfo:
     tokens (LLaVA-OneVision's newline token).
     """
 
-    video_extra_tokens: int  # set per family from activation.VIDEO_EXTRA_TOKENS
+    video_extra_tokens: int  # set per family from families.FAMILIES
 
     @cached_property
     def stgridpool_settings(self) -> STGridPoolSettings | None:
@@ -225,7 +222,7 @@ class STGridPoolProcessorMixin:
                 inputs = dataclasses.replace(inputs, mm_data_items=_keep_fitted_frames(inputs.mm_data_items, fits))
         result = super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
         if fits:
-            result[RECORDS_KEY] = self._video_records(videos, fits, result["mm_placeholders"].get("video", []))
+            result[metrics.RECORDS_KEY] = self._video_records(videos, fits, result["mm_placeholders"].get("video", []))
         return result
 
     def _video_records(self, videos, fits, placeholders) -> list[metrics.VideoRecord]:

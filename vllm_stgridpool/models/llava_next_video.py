@@ -17,7 +17,7 @@ from vllm.model_executor.models.llava_next_video import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_stgridpool.activation import VIDEO_EXTRA_TOKENS
+from vllm_stgridpool.families import FAMILIES
 from vllm_stgridpool.models.common import (
     CONFIG_FIELD,
     STGridPoolProcessingInfo,
@@ -31,7 +31,7 @@ ARCHITECTURE = "LlavaNextVideoForConditionalGeneration"
 
 
 class STGridPoolLlavaNextVideoProcessingInfo(STGridPoolProcessingInfo, LlavaNextVideoProcessingInfo):
-    video_extra_tokens = VIDEO_EXTRA_TOKENS[ARCHITECTURE]
+    video_extra_tokens = FAMILIES[ARCHITECTURE].video_extra_tokens
 
     def stage_channels(self) -> int:
         return self.get_hf_config().vision_config.hidden_size  # pooled before the projector

@@ -32,7 +32,8 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_stgridpool.activation import VIDEO_EXTRA_TOKENS, plugin_settings
+from vllm_stgridpool.activation import plugin_settings
+from vllm_stgridpool.families import FAMILIES
 from vllm_stgridpool.config import STGridPoolConfig, STGridPoolSettings
 from vllm_stgridpool.models.common import (
     CONFIG_FIELD,
@@ -80,7 +81,7 @@ def place_newlines(
 
 
 class STGridPoolLlavaOnevisionProcessingInfo(STGridPoolProcessingInfo, LlavaOnevisionProcessingInfo):
-    video_extra_tokens = VIDEO_EXTRA_TOKENS[ARCHITECTURE]  # the image_newline appended to every video
+    video_extra_tokens = FAMILIES[ARCHITECTURE].video_extra_tokens  # the image_newline appended to every video
 
     @cached_property
     def video_newline(self) -> str:
