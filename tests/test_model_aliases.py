@@ -104,3 +104,38 @@ def test_vllm_serve_names_the_published_checkpoint_before_loading_it(tmp_path):
     resolved = log.index("model alias: llava-next-video -> llava-hf/LLaVA-NeXT-Video-7B-hf")
     assert resolved < log.index("LocalEntryNotFoundError")  # resolved first, then looked up (offline: not found)
     assert "llava-next-video/" not in log  # never asked for a repository named like the alias
+
+
+def test_a_redirect_file_applies_before_the_speculators_probe(tmp_path, monkeypatch):
+    """vLLM 0.32 and 0.33 probe the typed name on the hub before ModelConfig applies the redirect
+    file; the probe wrapper hands the probe the redirected folder instead (what P4 did alone)."""
+    redirect = tmp_path / "redirect.json"
+    redirect.write_text('{"llava-video": "/models/llava-video-7b"}')
+    monkeypatch.setenv("VLLM_MODEL_REDIRECT_PATH", str(redirect))
+    seen = {}
+
+    def probe(*, model, tokenizer, **kwargs):
+        seen.update(model=model, tokenizer=tokenizer, **kwargs)
+        return model, tokenizer, None
+
+    wrapped = model_aliases._resolving_probe(probe)
+    assert wrapped(model="llava-video", tokenizer="llava-video", revision=None)[0] == "/models/llava-video-7b"
+    assert seen == {"model": "/models/llava-video-7b", "tokenizer": "/models/llava-video-7b", "revision": None}
+    assert wrapped(model="other", tokenizer=None)[:2] == ("other", None)
+
+
+def test_wrappers_pass_arguments_they_do_not_know_through():
+    """A keyword or positional argument a later vLLM adds reaches vLLM's function unchanged."""
+    calls = []
+
+    def get_model_path(model, revision, *, new_keyword=None):
+        calls.append((model, revision, new_keyword))
+        return model
+
+    def probe(*args, model, tokenizer, new_keyword=None, **kwargs):
+        calls.append((args, model, tokenizer, new_keyword))
+        return model, tokenizer, None
+
+    model_aliases._resolving_get_model_path(get_model_path)("some/model", "main", new_keyword=1)
+    model_aliases._resolving_probe(probe)("positional", model="some/model", tokenizer="t", new_keyword=2)
+    assert calls == [("some/model", "main", 1), (("positional",), "some/model", "t", 2)]

@@ -66,6 +66,11 @@ def refusal(version: str | None) -> str | None:
     reason = EXTENSION_POINTS.why_not(version)
     if reason is not None:
         return f"vllm-stgridpool cannot register with this vLLM: {reason}"
+    from vllm_stgridpool.compat import model_internals
+
+    reason = model_internals.GUARD.why_not(version)  # an override vLLM would no longer call, or call otherwise
+    if reason is not None:
+        return f"vllm-stgridpool cannot replace vLLM's LLaVA video classes: {reason}"
     return None
 
 
@@ -87,11 +92,10 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
-    from vllm_stgridpool.compat import accepted_metrics, media_fetch, model_redirect, request_trust
+    from vllm_stgridpool.compat import accepted_metrics, media_fetch, request_trust
     from vllm_stgridpool.compat import model_aliases, video_processor_class
 
-    model_redirect.apply(version)
-    model_aliases.apply(version)  # llava-video -> the published checkpoint, unless redirected
+    model_aliases.apply(version)  # redirect file first (also fixes 0.32's probe order), then llava-video & co.
     video_processor_class.apply(version)  # LLaVA-NeXT-Video's published processor files load
     request_trust.apply(version)  # acts only once a served model has ST-GridPool active
     accepted_metrics.apply(version)

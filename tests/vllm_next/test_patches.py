@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_stgridpool.compat import media_fetch, model_redirect, vllm_cli
+from vllm_stgridpool.compat import media_fetch, model_aliases, vllm_cli
 
 REGISTER = """
 import json, os
@@ -33,13 +33,13 @@ print("RESULT " + json.dumps({
     "hooks": [MODELS_CONFIG_MAP[a].__name__ for a in archs],
     "decord": "decord" in VIDEO_LOADER_REGISTRY.name2class,
     "http": MEDIA_CONNECTOR_REGISTRY.name2class["http"].__name__,
-    "redirect_first": getattr(arg_utils.maybe_override_with_speculators, "_stgridpool_redirect", False),
+    "redirect_first": getattr(arg_utils.maybe_override_with_speculators, "_stgridpool_alias", False),
 }))
 """
 
 
 def test_vllm_loads_and_registers_the_plugin():
-    """vLLM 0.33's own plugin loader runs register(): model classes, config hooks, decord, P4, P5."""
+    """vLLM 0.33's own plugin loader runs register(): model classes, config hooks, decord, P5, P7."""
     env = {**os.environ, "VLLM_PLUGINS": "stgridpool"}
     done = subprocess.run([sys.executable, "-c", REGISTER], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -77,7 +77,7 @@ def test_p3_the_vllm_command_lists_and_exports_plugins():
     assert "--plugins NAMES: load only these vLLM plugins" in done.stdout
 
 
-def test_p4_redirect_comes_before_the_speculators_probe(tmp_path, onevision_checkpoint, monkeypatch):
+def test_p7_redirect_comes_before_the_speculators_probe(tmp_path, onevision_checkpoint, monkeypatch):
     """Stock 0.33 still probes the alias itself (the hub, offline here); the wrapper probes the folder."""
     from vllm.transformers_utils.config import maybe_override_with_speculators as stock_probe
     from vllm.transformers_utils.utils import maybe_model_redirect
@@ -90,8 +90,8 @@ def test_p4_redirect_comes_before_the_speculators_probe(tmp_path, onevision_chec
     try:
         arguments = {"model": "llava-video", "tokenizer": "llava-video", "trust_remote_code": False}
         with pytest.raises(OSError, match="couldn't connect to 'https://huggingface.co'"):
-            stock_probe(**arguments)  # P4's symptom: the alias is looked up on the hub
-        model, tokenizer, speculative = model_redirect.redirect_first(stock_probe)(**arguments)
+            stock_probe(**arguments)  # the defect P7 works around: the alias is looked up on the hub
+        model, tokenizer, speculative = model_aliases._resolving_probe(stock_probe)(**arguments)
         assert (model, tokenizer, speculative) == (str(onevision_checkpoint), str(onevision_checkpoint), None)
     finally:
         maybe_model_redirect.cache_clear()

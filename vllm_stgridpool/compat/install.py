@@ -1,8 +1,11 @@
 """Install the start-up hook file into the running interpreter's site-packages.
 
 ``python -m vllm_stgridpool.compat.install`` (``make setup`` runs it). pip
-cannot place a ``.pth`` file from an editable install, so this copies
-``patches/vllm_stgridpool_boot.pth``; ``--uninstall`` removes it.
+cannot place a ``.pth`` file from an editable install, so this writes one:
+its single line, :data:`PTH_LINE`, is the content of
+``patches/vllm_stgridpool_boot.pth`` (kept in the repository to be read; an
+installed package has no ``patches/`` folder to copy from). ``--uninstall``
+removes it.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ GUARD = Guard(
     "unreachable media URLs and unusable video options as client errors",
     (
         Feature(_CONNECTOR, "MEDIA_CONNECTOR_REGISTRY.register"),
-        Feature(_CONNECTOR, "MediaConnector.load_from_url", ("url", "media_io", "fetch_timeout")),
-        Feature(_CONNECTOR, "MediaConnector.load_from_url_async", ("url", "media_io", "fetch_timeout")),
+        Feature(_CONNECTOR, "MediaConnector.load_from_url", ("url",)),
+        Feature(_CONNECTOR, "MediaConnector.load_from_url_async", ("url",)),
         Feature(_CONNECTOR, "MediaConnector.fetch_video", ("video_url",)),
         Feature(_CONNECTOR, "MediaConnector.fetch_video_async", ("video_url",)),
         Feature("vllm.exceptions", "VLLMUnprocessableEntityError"),
@@ -103,15 +103,16 @@ def _connector_class():
             check_video_options(self.media_io_kwargs.get("video", {}))
             return await super().fetch_video_async(video_url, **kwargs)
 
-        def load_from_url(self, url, media_io, *, fetch_timeout=None):
+        # Arguments pass through untouched: a keyword upstream adds must not become a TypeError.
+        def load_from_url(self, url, *args, **kwargs):
             try:
-                return super().load_from_url(url, media_io, fetch_timeout=fetch_timeout)
+                return super().load_from_url(url, *args, **kwargs)
             except unreachable as error:
                 raise client_error(url, error) from error
 
-        async def load_from_url_async(self, url, media_io, *, fetch_timeout=None):
+        async def load_from_url_async(self, url, *args, **kwargs):
             try:
-                return await super().load_from_url_async(url, media_io, fetch_timeout=fetch_timeout)
+                return await super().load_from_url_async(url, *args, **kwargs)
             except unreachable as error:
                 raise client_error(url, error) from error
 

@@ -8,7 +8,11 @@ vLLM can load (the Hugging Face conversions, architecture
 ``LlavaOnevisionForConditionalGeneration`` / ``LlavaNextVideoForConditionalGeneration``)
 and logs ``llava-video -> llava-hf/LLaVA-Video-7B-Qwen2-hf`` before anything
 is fetched. A redirect file that maps the name, or a local path of that name,
-wins. Ledger entry: patches/README.md, P7.
+wins; resolving redirect-file names here, before vLLM's speculators probe,
+is also what makes ``VLLM_MODEL_REDIRECT_PATH`` work at all for
+``vllm serve NAME`` on 0.32 and 0.33 (the probe asks the hub for the typed
+name before ``ModelConfig`` applies the redirect). Ledger entry:
+patches/README.md, P7 (which absorbed P4).
 
 vLLM reads the typed name first in two places of ``vllm.engine.arg_utils``,
 both before it builds the ``ModelConfig``: ``get_model_path`` (under
@@ -75,6 +79,8 @@ def apply(vllm_version: str) -> bool:
     return True
 
 
+# The wrappers resolve the one or two names they know and pass every other argument through
+# untouched: a parameter upstream adds must not become a TypeError at start-up.
 def _resolving_get_model_path(get_model_path):
     @functools.wraps(get_model_path)
     def get_model_path_resolved(model, *args, **kwargs):
@@ -86,9 +92,11 @@ def _resolving_get_model_path(get_model_path):
 
 def _resolving_probe(probe):
     @functools.wraps(probe)
-    def probe_resolved(*, model, tokenizer, **kwargs):
-        tokenizer = resolve(tokenizer) if isinstance(tokenizer, str) else tokenizer
-        return probe(model=resolve(model), tokenizer=tokenizer, **kwargs)
+    def probe_resolved(*args, **kwargs):
+        for name in ("model", "tokenizer"):
+            if isinstance(kwargs.get(name), str):
+                kwargs[name] = resolve(kwargs[name])
+        return probe(*args, **kwargs)
 
     setattr(probe_resolved, _WRAPPED, True)
     return probe_resolved
