@@ -95,3 +95,15 @@ def test_more_frames_than_max_frames_is_rejected_before_the_model(onevision_chec
     _, processor = processor_for(onevision_checkpoint, hf_overrides={"stgridpool": {"max_frames": 8}})
     with pytest.raises(ValueError, match="max_frames"):
         processed(processor, ONEVISION[1], [frames(9)])
+
+
+def test_the_class_override_guard_passes_on_0_33():
+    """Every vLLM internal the model classes override or call is there, as on 0.32, with the same
+    parameters (compat/model_internals.py; tests/test_model_guard.py, which this environment runs too,
+    provokes its refusals)."""
+    from vllm_stgridpool import plugin
+    from vllm_stgridpool.compat import model_internals, vllm_version
+
+    assert vllm_version().startswith("0.33.")
+    assert model_internals.GUARD.why_not(vllm_version()) is None
+    assert plugin.refusal(vllm_version()) is None
