@@ -47,7 +47,7 @@ $(NEXT_STAMP): pyproject.toml Makefile tests/vllm_next/requirements.txt
 	touch $@
 
 test-vllm-next: $(NEXT_STAMP)
-	$(NEXT_VENV)/bin/python -m pytest -q -m "not engine" tests/vllm_next tests/test_compat.py tests/test_video_loader.py tests/test_models.py
+	$(NEXT_VENV)/bin/python -m pytest -q -m "not engine" tests/vllm_next tests/test_compat.py tests/test_model_guard.py tests/test_video_loader.py tests/test_models.py
 
 # vLLM data parallelism and Ray (several engines and a Ray cluster at once), kept out of `make test`.
 RAY_STAMP := $(VENV)/.ray-done
