@@ -153,13 +153,28 @@ def test_no_pyramid_is_never_refused_as_costlier(processor, norm_p):
         ({"stgridpool": {}}, {}, True),
         ({"stgridpool": {}, "num_frames": 4}, None, False),
         ({"num_frames": 4}, None, False),
-        ({"stgridpool": {}}, {"video": {"num_frames": 4}}, False),
+        ({"stgridpool": {}}, {"video": {"num_frames": 4}}, True),
+        (None, {"video": {"num_frames": 1}}, True),
+        ({}, {"video": {"num_frames": 8}}, True),  # 8: the max_frames set below
+        (None, {"video": {"num_frames": 9}}, False),
+        (None, {"video": {"num_frames": 0}}, False),
+        (None, {"video": {"num_frames": 4.0}}, False),
+        (None, {"video": {"num_frames": True}}, False),
+        (None, {"video": {"num_frames": "4"}}, False),
+        (None, {"video": {"num_frames": 4, "fps": 1}}, False),
+        (None, {"video": {"fps": 1}}, False),
+        (None, {"video": {"video_backend": "opencv"}}, False),
+        (None, {"video": {"num_frames": 4}, "image": {}}, False),
+        (None, {"image": {"num_frames": 4}}, False),
+        (None, {"video": [4]}, False),
+        ({"num_frames": 4}, {"video": {"num_frames": 4}}, False),
         ({}, None, False),
         (None, None, False),
     ],
 )
 def test_p6_trusts_the_own_key_and_nothing_else(monkeypatch, mm_processor_kwargs, media_io_kwargs, own):
-    """vLLM's own check, wrapped: only a lone ``stgridpool`` object passes without the trust flag."""
+    """vLLM's own check, wrapped: only a lone ``stgridpool`` object and a frame count up to the
+    server's ``max_frames`` pass without the trust flag."""
     from vllm.entrypoints.generate.base import protocol
     from vllm.exceptions import VLLMValidationError
 
@@ -168,6 +183,7 @@ def test_p6_trusts_the_own_key_and_nothing_else(monkeypatch, mm_processor_kwargs
     request_trust.apply(__import__("vllm").__version__)
     check = protocol.validate_request_mm_kwargs
     assert getattr(check, "_stgridpool_trust", False)
+    monkeypatch.setattr(request_trust, "_max_frames", 8)
     kwargs = dict(mm_processor_kwargs=mm_processor_kwargs, media_io_kwargs=media_io_kwargs)
     check(**kwargs, trust_request_mm_kwargs=True)  # a trusting server accepts everything, as before
     monkeypatch.setattr(request_trust, "_active", False)
@@ -180,6 +196,27 @@ def test_p6_trusts_the_own_key_and_nothing_else(monkeypatch, mm_processor_kwargs
     else:
         with pytest.raises(VLLMValidationError, match="trust-request-mm-kwargs"):
             check(**kwargs, trust_request_mm_kwargs=False)
+
+
+def test_p6_passes_arguments_it_does_not_read_on_to_vllm(monkeypatch):
+    """A keyword vLLM might add, or a positional call, reaches vLLM's check unchanged (no TypeError)."""
+    from vllm_stgridpool.compat import request_trust
+
+    seen = []
+
+    def upstream(*args, **kwargs):
+        seen.append((args, kwargs))
+
+    check = request_trust.trust_own_key(upstream)
+    monkeypatch.setattr(request_trust, "_active", True)
+    monkeypatch.setattr(request_trust, "_max_frames", 8)
+    own = dict(mm_processor_kwargs={"stgridpool": {}}, media_io_kwargs=None, trust_request_mm_kwargs=False)
+    check(**own, model_config="new upstream keyword")  # the own key still passes, vLLM not asked
+    assert seen == []
+    other = dict(own, mm_processor_kwargs={"num_frames": 4})
+    check(**other, model_config="new upstream keyword")
+    check("positional", flag=True)
+    assert seen == [((), {**other, "model_config": "new upstream keyword"}), (("positional",), {"flag": True})]
 
 
 @pytest.mark.parametrize(

@@ -162,7 +162,7 @@ def _frame_sampling_hook(previous, extra_tokens: int, decord_by_default: bool):
             mm_config = model_config.multimodal_config
             if settings is None or mm_config is None:
                 return
-            request_trust.mark_active()  # its own request key needs no blanket trust (P6)
+            request_trust.mark_active(settings.max_frames)  # its own request key needs no blanket trust (P6)
             video = mm_config.media_io_kwargs.setdefault("video", {})
             video.setdefault("num_frames", default_num_frames(settings, model_config, extra_tokens))
             if decord_by_default and "video_backend" not in video and envs.VLLM_VIDEO_LOADER_BACKEND is None:

@@ -7,9 +7,15 @@ to every client. The ``stgridpool`` object is capped by the plugin itself (a
 request can only make a video cheaper, see ``request_rules.request_settings``), so
 it needs no such trust. This wraps vLLM's ``validate_request_mm_kwargs``: when
 ST-GridPool is active for the model this process serves and the request's
-``mm_processor_kwargs`` hold the ``stgridpool`` key and nothing else (and it
-sends no ``media_io_kwargs``), the request passes; anything else goes to
-vLLM's own check unchanged. Ledger entry: patches/README.md, P6.
+``mm_processor_kwargs`` hold the ``stgridpool`` key and nothing else, the
+request passes; anything else goes to vLLM's own check unchanged.
+
+The same holds for ``media_io_kwargs`` that only choose how many frames to
+sample, ``{"video": {"num_frames": n}}`` with a whole ``n`` from 1 to the
+server's ``max_frames``: what evaluation harnesses send with every video
+request (lmms-eval's ``openai`` model does), and bounded by the frame count
+the server profiled for. Any other key, or a larger ``n``, needs the flag.
+Ledger entry: patches/README.md, P6.
 """
 
 from __future__ import annotations
@@ -32,21 +38,36 @@ GUARD = Guard(
 )
 
 _active = False  # set once the served model's config has ST-GridPool active
+_max_frames = 0  # the served model's max_frames: the most frames a request may ask the loader for
 
 
-def mark_active() -> None:
+def mark_active(max_frames: int = 0) -> None:
     """Called where the served model's config is verified with ST-GridPool active."""
-    global _active
+    global _active, _max_frames
     _active = True
+    _max_frames = max(_max_frames, max_frames)
 
 
-def own_key_only(mm_processor_kwargs, media_io_kwargs, key: str) -> bool:
-    """True for a request whose only multimodal override is the plugin's ``key`` object."""
-    return (
-        isinstance(mm_processor_kwargs, dict)
-        and set(mm_processor_kwargs) == {key}
-        and not media_io_kwargs
+def own_key_only(mm_processor_kwargs, media_io_kwargs, key: str, max_frames: int = 0) -> bool:
+    """True for a request whose multimodal overrides are the plugin's ``key`` object and at most
+    a frame count from 1 to ``max_frames``, and that sends at least one of them."""
+    if not (mm_processor_kwargs or media_io_kwargs):
+        return False
+    own_processor_kwargs = not mm_processor_kwargs or (
+        isinstance(mm_processor_kwargs, dict) and set(mm_processor_kwargs) == {key}
     )
+    return own_processor_kwargs and (not media_io_kwargs or frame_count_only(media_io_kwargs, max_frames))
+
+
+def frame_count_only(media_io_kwargs, max_frames: int) -> bool:
+    """True for exactly ``{"video": {"num_frames": n}}`` with a whole ``n`` from 1 to ``max_frames``."""
+    if not isinstance(media_io_kwargs, dict) or set(media_io_kwargs) != {"video"}:
+        return False
+    video = media_io_kwargs["video"]
+    if not isinstance(video, dict) or set(video) != {"num_frames"}:
+        return False
+    n = video["num_frames"]
+    return isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= max_frames
 
 
 def apply(vllm_version: str) -> bool:
@@ -70,16 +91,19 @@ def trust_own_key(validate):
     from vllm_stgridpool.request_rules import REQUEST_KEY
 
     @functools.wraps(validate)
-    def validate_trusting_own_key(*, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs):
-        if not trust_request_mm_kwargs and _active and own_key_only(
-            mm_processor_kwargs, media_io_kwargs, REQUEST_KEY
+    def validate_trusting_own_key(*args, **kwargs):
+        # The three keywords this reads are keyword-only in vLLM; any other argument (a new
+        # upstream keyword, a positional call) is passed on to vLLM's check as it came.
+        if (
+            not args
+            and not kwargs.get("trust_request_mm_kwargs", True)
+            and _active
+            and own_key_only(
+                kwargs.get("mm_processor_kwargs"), kwargs.get("media_io_kwargs"), REQUEST_KEY, _max_frames
+            )
         ):
             return None
-        return validate(
-            mm_processor_kwargs=mm_processor_kwargs,
-            media_io_kwargs=media_io_kwargs,
-            trust_request_mm_kwargs=trust_request_mm_kwargs,
-        )
+        return validate(*args, **kwargs)
 
     validate_trusting_own_key._stgridpool_trust = True
     return validate_trusting_own_key

@@ -1,0 +1,99 @@
+"""P6 against a real server: a frame count up to ``max_frames`` needs no trust flag, nothing else does.
+
+``vllm serve ... --plugins stgridpool`` without ``--trust-request-mm-kwargs``,
+``max_frames`` 12. Expected counts: text tokens from the checkpoint's chat
+template plus ``T * H' * W' + 1`` with H' = W' = (27 - 2) // 2 + 1 = 13.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from vllm_stgridpool_testing.launch import start_server
+
+pytestmark = pytest.mark.engine
+
+MAX_FRAMES = 12
+QUESTION = "What happens in this video?"
+
+
+@pytest.fixture(scope="module")
+def server(onevision_checkpoint, mp4_factory, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("request_trust")
+    with start_server(
+        onevision_checkpoint,
+        "--plugins", "stgridpool",
+        "--served-model-name", "tiny",
+        "--hf-overrides", json.dumps({"stgridpool": {"max_frames": MAX_FRAMES}}),
+        "--max-model-len", "8192",
+        "--kv-cache-memory-bytes", str(1 << 29),
+        "--dtype", "float32",
+        "--enforce-eager",
+        "--allowed-local-media-path", str(mp4_factory(24).parent),
+        log_path=folder / "server.log",
+        timeout=600,
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def text_tokens(onevision_checkpoint) -> int:
+    tokenizer = AutoTokenizer.from_pretrained(onevision_checkpoint)
+    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(rendered)["input_ids"]) - 1
+
+
+def ask(client, video, **extra_body):
+    return client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": video.as_uri()}},
+            {"type": "text", "text": QUESTION},
+        ]}],
+        max_tokens=2,
+        temperature=0.0,
+        extra_body=extra_body,
+    )
+
+
+@pytest.mark.parametrize("frames", [1, 5, MAX_FRAMES])
+def test_a_frame_count_up_to_max_frames_needs_no_trust_flag(client, mp4_factory, text_tokens, frames):
+    response = ask(client, mp4_factory(24), media_io_kwargs={"video": {"num_frames": frames}})
+    assert response.usage.prompt_tokens == text_tokens + frames * 13 * 13 + 1
+
+
+def test_a_frame_count_goes_with_the_own_key(client, mp4_factory, text_tokens):
+    response = ask(
+        client, mp4_factory(24),
+        media_io_kwargs={"video": {"num_frames": 6}},
+        mm_processor_kwargs={"stgridpool": {"kernel_size": 3}},
+    )
+    assert response.usage.prompt_tokens == text_tokens + 6 * 9 * 9 + 1
+
+
+@pytest.mark.parametrize(
+    "media_io_kwargs",
+    [
+        {"video": {"num_frames": MAX_FRAMES + 1}},
+        {"video": {"num_frames": 0}},
+        {"video": {"num_frames": 4, "fps": 2}},
+        {"video": {"video_backend": "opencv"}},
+        {"image": {"num_frames": 4}},
+    ],
+)
+def test_anything_else_gets_vllms_400(client, server, mp4_factory, media_io_kwargs):
+    with pytest.raises(openai.BadRequestError, match="trust-request-mm-kwargs"):
+        ask(client, mp4_factory(24), media_io_kwargs=media_io_kwargs)
+    with pytest.raises(openai.BadRequestError, match="trust-request-mm-kwargs"):
+        ask(client, mp4_factory(24), mm_processor_kwargs={"num_frames": 4})
+    assert server.alive()
