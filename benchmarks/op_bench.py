@@ -60,7 +60,8 @@ from tests.support.memory_peak import peak_bytes  # noqa: E402
 from tests.support.reference_stgridpool import st_gridpool_reference  # noqa: E402
 
 from vllm_stgridpool import STGridPoolConfig, native, st_gridpool  # noqa: E402
-from vllm_stgridpool.plan import PoolFrames, PoolMosaics, Resize, chunk_frames, make_plan, stage_cost  # noqa: E402
+from vllm_stgridpool.plan import PoolFrames, PoolMosaics, Resize, chunk_frames, make_plan  # noqa: E402
+from vllm_stgridpool.stage_cost import stage_cost  # noqa: E402
 
 NUM_FRAMES = 64
 GRID = 27
@@ -344,7 +345,7 @@ def print_case(case: Case) -> None:
     print(f"  peak memory beyond the input: {peak['with_output']:.1f} MB, of which output "
           f"{peak['with_output'] - peak['beyond_output']:.1f} MB; the rest is "
           f"{peak['beyond_output_of_input']:.2f}x the input (<= {TARGETS['peak_extra_of_input']}x: "
-          f"{ok[case.targets_met['peak_extra']]}); plan.stage_cost bound {case.stage_cost_mb:.1f} MB")
+          f"{ok[case.targets_met['peak_extra']]}); stage_cost bound {case.stage_cost_mb:.1f} MB")
     print("  eager breakdown, ms (one profiled call): "
           + ", ".join(f"{k} {v:.1f}" for k, v in case.breakdown_ms.items() if v))
     print("  eager on PyTorch ops, breakdown, ms: "

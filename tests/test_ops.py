@@ -26,6 +26,7 @@ from tests.support.reference_stgridpool import (
 from vllm_stgridpool import STGridPoolConfig, st_gridpool
 from vllm_stgridpool import plan as plan_module
 from vllm_stgridpool import native
+from vllm_stgridpool.stage_cost import stage_cost
 
 P_VALUES = (0.5, 1.0, 2.0, 3.0, 2.5)
 
@@ -541,7 +542,7 @@ def test_config_frozen():
 
 
 # --------------------------------------------------------------------------
-# (d) plan.stage_cost against what the stage really allocates and moves
+# (d) stage_cost against what the stage really allocates and moves
 # --------------------------------------------------------------------------
 
 
@@ -584,7 +585,7 @@ def test_stage_cost_bounds_the_stage(values, dtype, shape):
             peak = peak_bytes(lambda: st_gridpool(x, cfg))
             with CountElements() as counted:
                 st_gridpool(x, cfg)
-    cost = plan_module.stage_cost(*shape, cfg, x.element_size())
+    cost = stage_cost(*shape, cfg, x.element_size())
     assert peak <= cost.peak_bytes <= 1.5 * peak, (peak, cost.peak_bytes)
     assert fused_peak <= cost.peak_bytes, (fused_peak, cost.peak_bytes)
     # The count also sees the weighted sum accumulating into its output, which work leaves out.
@@ -592,9 +593,9 @@ def test_stage_cost_bounds_the_stage(values, dtype, shape):
 
 
 def test_stage_cost_grows_with_the_pyramid_and_shrinks_with_the_kernel():
-    base = plan_module.stage_cost(64, 27, 27, 896, STGridPoolConfig(), 4)
-    denser = plan_module.stage_cost(64, 27, 27, 896, make_config((4, 4, 4, 4), (1, 1, 1, 1)), 4)
-    larger_kernel = plan_module.stage_cost(64, 27, 27, 896, make_config(kernel_size=3), 4)
+    base = stage_cost(64, 27, 27, 896, STGridPoolConfig(), 4)
+    denser = stage_cost(64, 27, 27, 896, make_config((4, 4, 4, 4), (1, 1, 1, 1)), 4)
+    larger_kernel = stage_cost(64, 27, 27, 896, make_config(kernel_size=3), 4)
     assert denser.peak_bytes > base.peak_bytes and denser.work > base.work
     assert larger_kernel.peak_bytes < base.peak_bytes and larger_kernel.work < base.work
     # The defaults hold little beyond the output: a few mosaics and one segment's temporaries.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vllm_stgridpool.config import STGridPoolConfig
-from vllm_stgridpool import plan
+from vllm_stgridpool.stage_cost import stage_cost
 
 PROMPT = "<|im_start|>user\n<video>\nWhat happens?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -123,8 +123,8 @@ def test_the_stage_cost_cap_is_what_the_server_profiled(processor):
     server = STGridPoolConfig()
     check_request_cost(server, server, shape)
     denser = STGridPoolConfig(grid_sizes=(4, 4, 4, 4), grid_strides=(1, 1, 1, 1))
-    server_cost = plan.stage_cost(64, 27, 27, shape.channels, server, shape.itemsize)
-    denser_cost = plan.stage_cost(64, 27, 27, shape.channels, denser, shape.itemsize)
+    server_cost = stage_cost(64, 27, 27, shape.channels, server, shape.itemsize)
+    denser_cost = stage_cost(64, 27, 27, shape.channels, denser, shape.itemsize)
     assert denser_cost.peak_bytes > server_cost.peak_bytes or denser_cost.work > server_cost.work
     with pytest.raises(ValueError, match="stage"):
         check_request_cost(server, denser, shape)

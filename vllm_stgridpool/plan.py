@@ -5,7 +5,7 @@ frames they replace and the output grid are functions of (T, H, W) and the
 config alone. Computing them once on the host (and caching them) is what
 lets the stage run with static shapes and no host-device synchronisation,
 and lets the vLLM processor know the token count (and the stage's cost,
-:func:`stage_cost`) before the model runs.
+:mod:`vllm_stgridpool.stage_cost`) before the model runs.
 
 The plan is a short program the stage runs in order, one sweep over the
 frames. A mosaic's buffer is taken at its first tile and handed on once the
@@ -302,89 +302,3 @@ def _levels(num_frames: int, height: int, width: int, config: STGridPoolConfig):
         tile = (math.ceil(height / rows), math.ceil(width / cols))
         levels.append(LevelPlan(rows=rows, cols=cols, tile=tile, frames=used, targets=targets))
     return levels, mosaic_level, uses
-
-
-# --------------------------------------------------------------------------
-# What the stage costs, from the same program the stage runs
-# --------------------------------------------------------------------------
-
-
-class StageCost(NamedTuple):
-    """One video's stage: the most memory it holds at once beyond its input, and the elements it moves.
-
-    ``peak_bytes`` counts the pooled output, the mosaic buffers and the
-    largest temporaries of any one step (what ``ops.py`` allocates);
-    ``work`` counts the elements the stage moves through memory: whole
-    frames read by each pass (norm, weighted sum, resize) and every element
-    written (output, tiles, mosaics); the weighted sum's accumulation into
-    the output it is writing is not counted again.
-    """
-
-    peak_bytes: int
-    work: int
-
-
-@functools.lru_cache(maxsize=1024)
-def stage_cost(
-    num_frames: int, height: int, width: int, dim: int, config: STGridPoolConfig, itemsize: int
-) -> StageCost:
-    """Upper bounds of :func:`vllm_stgridpool.st_gridpool` on one (num_frames, height, width, dim) video.
-
-    Both grow with the pyramid's density (more levels, smaller strides, more
-    tiles) and shrink with the kernel, so a server can refuse per-request
-    settings that cost more than its own setting at ``max_frames``.
-    ``itemsize`` is the features' bytes per element (4 for float32). This is
-    the eager stage on its PyTorch-ops path, as vLLM runs it on every device
-    (under ``torch.compile`` the pyramid runs as this same eager code, after
-    the compiler's pooling of every frame); the fused CPU kernel
-    (:mod:`vllm_stgridpool.native`) reads each window once and holds no
-    scores, so it stays under both bounds.
-    """
-    plan = make_plan(num_frames, height, width, config, chunk_frames(height, width, dim, itemsize))
-    return _plan_cost(plan, dim, itemsize, config.norm_p)
-
-
-def _plan_cost(plan: Plan, dim: int, itemsize: int, norm_p: float) -> StageCost:
-    """Bytes held and elements moved by ``ops.apply_plan`` for one video, step by step."""
-    k = plan.kernel_size
-    out_h, out_w = plan.out_grid
-    frame = plan.height * plan.width * dim
-    pooled_in = out_h * k * out_w * k * dim  # elements NSP reads per frame
-    pooled_out = out_h * out_w * dim
-    compute = max(itemsize, 4)  # scores and weights are at least float32
-    scaled = norm_p not in (1.0, 2.0)  # ops._scores: a float copy of the features, scaled per token
-
-    def pool(frames: int) -> tuple[int, int]:
-        tokens = frames * out_h * k * out_w * k
-        scaled_copy = tokens * dim * compute if scaled else 0  # held while scoring
-        # bfloat16 and float16 sum in a float32 scratch, copied into the output; on CPU each product also
-        # casts its token view to float32. Held while summing, after the scaled copy is gone.
-        scratch = 2 * frames * pooled_out * compute if compute > itemsize else 0
-        temp = 3 * tokens * compute + max(scaled_copy, scratch)  # scores, weights, weights in the input dtype
-        moved = frames * (2 * frame + pooled_out)  # the norm pass and the weighted sum read, the output written
-        if scratch:
-            moved += 4 * frames * pooled_out
-        if scaled:
-            moved += 4 * frames * frame  # max, min, the scaled copy written and read
-        return temp, moved
-
-    peak = work = 0
-    for step in plan.steps:
-        temp = 0
-        if isinstance(step, PoolFrames):
-            temp, moved = pool(step.stop - step.start)
-        elif isinstance(step, PoolMosaics):
-            temp, moved = pool(1)  # one mosaic at a time
-            moved *= len(step.mosaics)
-        elif isinstance(step, Resize):
-            tile = step.size[0] * step.size[1] * dim
-            temp = len(step.sources) * tile * itemsize  # the tiles, placed once all exist
-            moved = len(step.sources) * (frame + tile)
-            moved += sum(2 * place.rows * place.cols * dim for places in step.places for place in places)  # placed
-        else:
-            moved = 0
-        peak, work = max(peak, temp), work + moved
-    output = plan.num_frames * pooled_out * itemsize
-    slack = frame * itemsize  # small temporaries (scores, weights, views' bookkeeping) not counted above
-    return StageCost(peak_bytes=output + plan.num_slots * frame * itemsize + peak + slack, work=work)
-

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from vllm_stgridpool import plan
+from vllm_stgridpool.stage_cost import stage_cost
 from vllm_stgridpool.activation import plain_mapping
 from vllm_stgridpool.config import MAX_VIDEO_TOKENS, STGridPoolConfig, STGridPoolConfigError, STGridPoolSettings
 
@@ -114,10 +114,10 @@ def check_request_cost(server: STGridPoolConfig, request: STGridPoolConfig, shap
     args = (shape.max_frames, height, width, shape.channels)
     pyramids = ((server.grid_sizes, server.grid_strides), ((), ()))
     allowed = [
-        plan.stage_cost(*args, msgspec.structs.replace(request, grid_sizes=g, grid_strides=s), shape.itemsize)
+        stage_cost(*args, msgspec.structs.replace(request, grid_sizes=g, grid_strides=s), shape.itemsize)
         for g, s in pyramids
     ]
-    needed = plan.stage_cost(*args, request, shape.itemsize)
+    needed = stage_cost(*args, request, shape.itemsize)
     for what, need, limit in (
         ("bytes of stage memory", needed.peak_bytes, max(cost.peak_bytes for cost in allowed)),
         ("units of stage work", needed.work, max(cost.work for cost in allowed)),
