@@ -546,18 +546,38 @@ def test_config_frozen():
 # --------------------------------------------------------------------------
 
 
-class CountElements(TorchDispatchMode):
-    """Elements read plus written by every aten op that computes (views and bare allocations excluded)."""
+class CountMoved(TorchDispatchMode):
+    """Feature elements (tensors with a ``dim``-sized axis) each aten op reads and writes, as
+    ``StageCost.work`` defines them: every input read; a new result, an ``out=`` argument or a
+    ``copy_`` target written; an in-place update of a result already written (the weighted sum
+    accumulating into its output, ``nan_to_num_``, the scaling ``div_``) not counted again. Views
+    and bare allocations move nothing."""
 
-    def __init__(self):
+    def __init__(self, dim: int):
         super().__init__()
+        self.dim = dim
         self.elements = 0
 
+    def features(self, value) -> int:
+        return sum(t.numel() for t in tree_leaves(value) if isinstance(t, torch.Tensor) and self.dim in t.shape)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view and "empty" not in func.__name__:
-            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor) and t.dim() > 0]
-            self.elements += sum(t.numel() for t in tensors)
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        storages = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if "empty" in func.__name__ or func.is_view and all(t.untyped_storage().data_ptr() in storages for t in results):
+            return out
+        schema = func._schema.arguments
+        values = {arg.name: args[i] if i < len(args) else kwargs.get(arg.name) for i, arg in enumerate(schema)}
+        mutated = False
+        for arg in schema:
+            written = arg.alias_info is not None and arg.alias_info.is_write
+            mutated |= written
+            if not written or arg.is_out or func.__name__.startswith("copy_"):
+                self.elements += self.features(values.get(arg.name))  # read, or written over
+        if not mutated:
+            self.elements += self.features(out)
         return out
 
 
@@ -573,8 +593,9 @@ class CountElements(TorchDispatchMode):
     ],
 )
 def test_stage_cost_bounds_the_stage(values, dtype, shape):
-    """On the PyTorch-ops path, peak_bytes bounds the measured peak (output included) within 1.5x and work is
-    40-100% of every element touched; the fused CPU kernel's peak stays under the same bound."""
+    """On the PyTorch-ops path, peak_bytes bounds the measured peak (output included) within 1.5x, and work
+    is the feature elements the ops move (CountMoved) up to two known overcounts; the fused CPU kernel's
+    peak stays under the same bound."""
     cfg = STGridPoolConfig.from_dict(values)
     x = randn(*shape, seed=12, dtype=torch.float32).to(dtype)
     with torch.inference_mode():
@@ -583,13 +604,20 @@ def test_stage_cost_bounds_the_stage(values, dtype, shape):
         with native.disabled():
             st_gridpool(x, cfg)
             peak = peak_bytes(lambda: st_gridpool(x, cfg))
-            with CountElements() as counted:
+            with CountMoved(shape[-1]) as counted:
                 st_gridpool(x, cfg)
     cost = stage_cost(*shape, cfg, x.element_size())
     assert peak <= cost.peak_bytes <= 1.5 * peak, (peak, cost.peak_bytes)
     assert fused_peak <= cost.peak_bytes, (fused_peak, cost.peak_bytes)
-    # The count also sees the weighted sum accumulating into its output, which work leaves out.
-    assert 0.4 * counted.elements <= cost.work <= counted.elements, (cost.work, counted.elements)
+    # work counts whole frames for the norm and the weighted sum where the windows leave a border
+    # (27 % 2: the ops read 26 x 26), and half-precision products' casts to float32, which happen
+    # inside aten ops; measured 4.3% and 2.3% (borders), 13.9% and 6.0% (bfloat16, float16) above
+    # the count. Exactly the count where neither applies.
+    border = shape[1] % cfg.kernel_size or shape[2] % cfg.kernel_size
+    if border or dtype != torch.float32:
+        assert counted.elements < cost.work <= 1.15 * counted.elements, (cost.work, counted.elements)
+    else:
+        assert cost.work == counted.elements
 
 
 def test_stage_cost_grows_with_the_pyramid_and_shrinks_with_the_kernel():
