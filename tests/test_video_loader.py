@@ -1,7 +1,8 @@
-"""The decord loader keeps the opencv loader's contract and fixes its gaps.
+"""The plugin's loader keeps the opencv loader's contract, fixes its gaps, and refuses size bombs from the header.
 
 Videos are real mp4 (mp4v) files written with OpenCV, so both loaders decode
-the same bytes through the same ``load_bytes`` interface vLLM calls.
+the same bytes through the same ``load_bytes`` interface vLLM calls. The
+loader decodes in its pool of worker processes here as in a server.
 """
 
 import base64
@@ -17,7 +18,7 @@ import pytest
 from vllm import envs
 from vllm.multimodal.media import ImageMediaIO, MediaConnector, VideoMediaIO
 from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
-from vllm_stgridpool.video_loader import DecordVideoLoader, register_decord_loader
+from vllm_stgridpool.video_loader import LOADER_NAME, LOADER_NAMES, PyAVVideoLoader, register_video_loader
 
 from tests.support.hostile_videos import offsets_past_the_end
 
@@ -68,8 +69,8 @@ def one_frame_mp4(tmp_path_factory) -> bytes:
 
 
 @pytest.fixture(autouse=True)
-def decord_registered():
-    register_decord_loader()
+def loader_registered():
+    register_video_loader()
 
 
 def opencv_loader():
@@ -99,18 +100,19 @@ def broken_inputs(valid: bytes) -> dict[str, bytes]:
     }
 
 
-def test_registry_resolves_decord_idempotently():
+def test_registry_resolves_both_names_idempotently():
     for _ in range(3):
-        assert register_decord_loader() is DecordVideoLoader
-    assert VIDEO_LOADER_REGISTRY.name2class["decord"] is DecordVideoLoader
-    assert isinstance(VIDEO_LOADER_REGISTRY.load("decord"), DecordVideoLoader)
+        assert register_video_loader() is PyAVVideoLoader
+    for name in ("pyav", "decord"):
+        assert VIDEO_LOADER_REGISTRY.name2class[name] is PyAVVideoLoader
+        assert isinstance(VIDEO_LOADER_REGISTRY.load(name), PyAVVideoLoader)
 
 
 @pytest.mark.parametrize("num_frames,fps", SAMPLING_REQUESTS)
 @pytest.mark.parametrize("video_name", VIDEO_SHAPES)
 def test_frame_indices_and_pixels_match_opencv(videos, video_name, num_frames, fps):
     data = videos[video_name]
-    frames, metadata = DecordVideoLoader.load_bytes(data, num_frames, fps)
+    frames, metadata = PyAVVideoLoader.load_bytes(data, num_frames, fps)
     expected_frames, expected_metadata = opencv_loader().load_bytes(
         data, num_frames, fps
     )
@@ -126,7 +128,7 @@ def test_frame_indices_and_pixels_match_opencv(videos, video_name, num_frames, f
 
 @pytest.mark.parametrize("video_name", VIDEO_SHAPES)
 def test_metadata_keys_types_and_values_match_opencv(videos, video_name):
-    metadata = DecordVideoLoader.load_bytes(videos[video_name], num_frames=8)[1]
+    metadata = PyAVVideoLoader.load_bytes(videos[video_name], num_frames=8)[1]
     expected = opencv_loader().load_bytes(videos[video_name], num_frames=8)[1]
 
     assert metadata.keys() == expected.keys()
@@ -134,25 +136,25 @@ def test_metadata_keys_types_and_values_match_opencv(videos, video_name):
         k: type(v) for k, v in expected.items()
     }
     assert all(type(i) is int for i in metadata["frames_indices"])
-    assert metadata["video_backend"] == "decord"
+    assert metadata["video_backend"] == "pyav"
     assert {k: v for k, v in metadata.items() if k != "video_backend"} == {
         k: v for k, v in expected.items() if k != "video_backend"
     }
 
 
 def test_frames_are_rgb(videos):
-    frames, _ = DecordVideoLoader.load_bytes(videos["40f_160x120_30fps"], 4)
+    frames, _ = PyAVVideoLoader.load_bytes(videos["40f_160x120_30fps"], 4)
     red_half = frames[:, 60:, :40].reshape(-1, 3).mean(axis=0)
     assert red_half[0] > 200 and red_half[2] < 50, red_half
 
 
 def test_consecutive_frames_differ(videos):
-    frames, _ = DecordVideoLoader.load_bytes(videos["40f_160x120_30fps"], -1)
+    frames, _ = PyAVVideoLoader.load_bytes(videos["40f_160x120_30fps"], -1)
     assert all((a != b).any() for a, b in zip(frames, frames[1:]))
 
 
 def test_one_frame_mp4_decodes_to_one_frame(one_frame_mp4):
-    frames, metadata = DecordVideoLoader.load_bytes(one_frame_mp4, num_frames=32)
+    frames, metadata = PyAVVideoLoader.load_bytes(one_frame_mp4, num_frames=32)
     assert frames.shape == (1, 120, 160, 3)
     assert metadata["frames_indices"] == [0]
     assert metadata["total_num_frames"] == 1
@@ -162,7 +164,7 @@ def test_one_frame_mp4_decodes_to_one_frame(one_frame_mp4):
 def test_broken_input_raises_value_error(videos, kind):
     data = broken_inputs(videos["40f_160x120_30fps"])[kind]
     with pytest.raises(ValueError, match="Could not decode video") as caught:
-        DecordVideoLoader.load_bytes(data, num_frames=32)
+        PyAVVideoLoader.load_bytes(data, num_frames=32)
     assert "/github/" not in str(caught.value)
 
 
@@ -176,9 +178,9 @@ def test_offsets_past_the_end_are_a_clear_error_not_a_crash(videos):
     data = offsets_past_the_end(videos["40f_160x120_30fps"])
     code = (
         "import sys\n"
-        "from vllm_stgridpool.video_loader import DecordVideoLoader\n"
+        "from vllm_stgridpool.video_loader import PyAVVideoLoader\n"
         "try:\n"
-        "    DecordVideoLoader.load_bytes(sys.stdin.buffer.read(), num_frames=8)\n"
+        "    PyAVVideoLoader.load_bytes(sys.stdin.buffer.read(), num_frames=8)\n"
         "except ValueError as error:\n"
         "    print('ValueError:', error)\n"
     )
@@ -189,8 +191,8 @@ def test_offsets_past_the_end_are_a_clear_error_not_a_crash(videos):
 
 def test_accepts_every_opencv_keyword(videos):
     data = videos["40f_160x120_30fps"]
-    plain = DecordVideoLoader.load_bytes(data, num_frames=8)
-    with_options = DecordVideoLoader.load_bytes(
+    plain = PyAVVideoLoader.load_bytes(data, num_frames=8)
+    with_options = PyAVVideoLoader.load_bytes(
         data,
         num_frames=8,
         fps=-1,
@@ -208,7 +210,7 @@ def test_frame_pixel_limit_is_enforced(videos, monkeypatch):
     monkeypatch.setenv("VLLM_MAX_IMAGE_PIXELS", str(160 * 120 - 1))
     uncache_envs(monkeypatch)
     with pytest.raises(ValueError, match="exceed the maximum"):
-        DecordVideoLoader.load_bytes(videos["40f_160x120_30fps"], num_frames=8)
+        PyAVVideoLoader.load_bytes(videos["40f_160x120_30fps"], num_frames=8)
 
 
 def test_no_files_left_in_temp_dir(videos, one_frame_mp4, tmp_path, monkeypatch):
@@ -218,10 +220,10 @@ def test_no_files_left_in_temp_dir(videos, one_frame_mp4, tmp_path, monkeypatch)
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     for data in [*videos.values(), one_frame_mp4]:
-        DecordVideoLoader.load_bytes(data, num_frames=8)
+        PyAVVideoLoader.load_bytes(data, num_frames=8)
     for data in broken_inputs(videos["40f_160x120_30fps"]).values():
         with pytest.raises(ValueError):
-            DecordVideoLoader.load_bytes(data, num_frames=8)
+            PyAVVideoLoader.load_bytes(data, num_frames=8)
     assert list(scratch.iterdir()) == []
 
 
@@ -231,36 +233,37 @@ def uncache_envs(monkeypatch):
         monkeypatch.setattr(envs, "__getattr__", envs.__getattr__.__wrapped__)
 
 
-def test_video_media_io_selects_decord_by_video_backend(one_frame_mp4):
-    video_io = VideoMediaIO(ImageMediaIO(), num_frames=8, video_backend="decord")
-    assert isinstance(video_io.video_loader, DecordVideoLoader)
+@pytest.mark.parametrize("name", LOADER_NAMES)
+def test_video_media_io_selects_the_loader_by_video_backend(one_frame_mp4, name):
+    video_io = VideoMediaIO(ImageMediaIO(), num_frames=8, video_backend=name)
+    assert isinstance(video_io.video_loader, PyAVVideoLoader)
     frames, metadata = video_io.load_bytes(one_frame_mp4).media
     assert frames.shape[0] == 1
-    assert metadata["video_backend"] == "decord"
+    assert metadata["video_backend"] == LOADER_NAME
 
 
-def test_env_var_selects_decord(videos, monkeypatch):
-    monkeypatch.setenv("VLLM_VIDEO_LOADER_BACKEND", "decord")
+def test_env_var_selects_the_loader(videos, monkeypatch):
+    monkeypatch.setenv("VLLM_VIDEO_LOADER_BACKEND", LOADER_NAME)
     uncache_envs(monkeypatch)
-    assert envs.VLLM_VIDEO_LOADER_BACKEND == "decord"
+    assert envs.VLLM_VIDEO_LOADER_BACKEND == LOADER_NAME
     video_io = VideoMediaIO(ImageMediaIO(), num_frames=8)
-    assert isinstance(video_io.video_loader, DecordVideoLoader)
+    assert isinstance(video_io.video_loader, PyAVVideoLoader)
     frames, metadata = video_io.load_bytes(videos["40f_160x120_30fps"]).media
     assert frames.shape[0] == 8
-    assert metadata["video_backend"] == "decord"
+    assert metadata["video_backend"] == LOADER_NAME
 
 
 def data_url(data: bytes) -> str:
     return "data:video/mp4;base64," + base64.b64encode(data).decode()
 
 
-def test_server_media_connector_uses_decord(videos, one_frame_mp4):
+def test_server_media_connector_uses_the_loader(videos, one_frame_mp4):
     """``MediaConnector`` is what the API server builds from --media-io-kwargs."""
     connector = MediaConnector(
-        media_io_kwargs={"video": {"video_backend": "decord", "num_frames": 8}}
+        media_io_kwargs={"video": {"video_backend": LOADER_NAME, "num_frames": 8}}
     )
     frames, metadata = connector.fetch_video(data_url(one_frame_mp4)).media
-    assert frames.shape[0] == 1 and metadata["video_backend"] == "decord"
+    assert frames.shape[0] == 1 and metadata["video_backend"] == LOADER_NAME
 
     truncated = videos["40f_160x120_30fps"][:1000]
     # ValueError is what the server's error handler maps to HTTP 400.
@@ -270,10 +273,208 @@ def test_server_media_connector_uses_decord(videos, one_frame_mp4):
 
 @pytest.mark.parametrize(("frames", "width", "height"), [(1, 1, 1), (3, 7, 1000), (2, 4000, 16), (5, 16, 16)])
 def test_extreme_frame_sizes_decode(frames, width, height):
-    """decord 0.6 mis-sizes some narrow widths; those frames come from PyAV instead."""
+    """decord mis-sizes some narrow widths (0.6.0 and decord2 3.4.0 alike); PyAV decodes them."""
     from vllm_stgridpool_testing.sample_videos import mp4_bytes
 
-    decoded, metadata = DecordVideoLoader.load_bytes(mp4_bytes(frames, width=width, height=height))
+    decoded, metadata = PyAVVideoLoader.load_bytes(mp4_bytes(frames, width=width, height=height))
     assert decoded.shape == (frames, height, width, 3)
     assert decoded.dtype == np.uint8
     assert metadata["total_num_frames"] == frames
+
+
+# --- decoders and the FFmpeg they link ---------------------------------------------------
+
+LINKED_LIBAVCODEC = r"""
+import ctypes, importlib, sys
+module = importlib.import_module(sys.argv[1])
+paths = {line.split()[-1] for line in open("/proc/self/maps") if "/libavcodec" in line}
+for path in sorted(paths):
+    version = ctypes.CDLL(path).avcodec_version()
+    print(path, version >> 16, (version >> 8) & 0xFF, version & 0xFF)
+"""
+
+
+def linked_libavcodec(module: str) -> list[tuple[str, tuple[int, int, int]]]:
+    """Every libavcodec mapped into a fresh process that imported only ``module``, with the
+    version that library itself reports (``avcodec_version()``), whatever the package claims."""
+    child = subprocess.run(
+        [sys.executable, "-c", LINKED_LIBAVCODEC, module], capture_output=True, text=True, timeout=120, check=True
+    )
+    found = []
+    for line in child.stdout.splitlines():
+        path, *version = line.split()
+        found.append((path, tuple(int(part) for part in version)))
+    return found
+
+
+# The loaders a server may pick: this plugin's (PyAV) and vLLM's opencv; decord stays installed for tools.
+SERVER_DECODERS = ["av", "cv2", "decord"]
+
+
+@pytest.mark.parametrize("module", SERVER_DECODERS)
+def test_every_decoder_links_libavcodec_61_or_newer(module):
+    """FFmpeg 7 (libavcodec 61) or newer: decord 0.6.0 brought FFmpeg 4.1 (libavcodec 58) of 2018."""
+    linked = linked_libavcodec(module)
+    assert linked, f"{module} maps no libavcodec"
+    for path, version in linked:
+        assert version >= (61, 0, 0), f"{module} links {path}, libavcodec {version}"
+
+
+def test_pyav_reports_the_libavcodec_it_links():
+    import av
+
+    (_, version), = linked_libavcodec("av")
+    assert av.library_versions["libavcodec"] == version
+
+
+# --- limits checked from the header ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("width", "height"), [(4096, 4096), (8192, 8192), (3840, 2176)])
+def test_frames_over_max_video_pixels_are_refused_from_the_header(width, height):
+    from vllm_stgridpool_testing.sample_videos import size_bomb_mp4
+
+    data = size_bomb_mp4(2, width, height)
+    with pytest.raises(ValueError, match=f"{width}x{height} \\({width * height:,} pixels\\).*max_video_pixels of 8,294,400"):
+        PyAVVideoLoader.load_bytes(data, num_frames=64)
+
+
+@pytest.mark.parametrize(("width", "height"), [(3840, 2160), (2160, 3840)])
+def test_4k_uhd_is_admitted_both_ways(width, height):
+    from vllm_stgridpool_testing.sample_videos import size_bomb_mp4
+
+    frames, metadata = PyAVVideoLoader.load_bytes(size_bomb_mp4(2, width, height), num_frames=64)
+    assert frames.shape == (2, height, width, 3)
+    assert metadata["total_num_frames"] == 2
+
+
+def test_decoded_bytes_over_max_video_decode_bytes_are_refused(videos, monkeypatch):
+    data = videos["40f_160x120_30fps"]
+    exact = 8 * 160 * 120 * 3
+    monkeypatch.setenv("STGRIDPOOL_MAX_VIDEO_DECODE_BYTES", str(exact))
+    assert PyAVVideoLoader.load_bytes(data, num_frames=8)[0].nbytes == exact
+    with pytest.raises(ValueError, match=f"9 sampled video frames of 160x120 decode to {9 * 160 * 120 * 3:,} bytes.*"
+                       f"max_video_decode_bytes of {exact:,}"):
+        PyAVVideoLoader.load_bytes(data, num_frames=9)
+
+
+def test_frames_larger_than_the_header_stop_decoding_at_the_first():
+    from vllm_stgridpool_testing.sample_videos import growing_m4v
+
+    with pytest.raises(ValueError, match="frame 4 decodes to 640x480, not the 160x120 its header declares"):
+        PyAVVideoLoader.load_bytes(growing_m4v((160, 120), (640, 480), frames_each=4), num_frames=8)
+
+
+def test_limits_are_not_request_options(monkeypatch):
+    """A request's media_io_kwargs reach load_bytes as keywords: they must not lift the server's limits."""
+    from vllm_stgridpool_testing.sample_videos import size_bomb_mp4
+
+    with pytest.raises(ValueError, match="max_video_pixels"):
+        PyAVVideoLoader.load_bytes(size_bomb_mp4(1, 4096, 4096), num_frames=1, max_video_pixels=10**9)
+
+
+# --- the decode pool ---------------------------------------------------------------------------
+
+
+def pool():
+    from vllm_stgridpool.video_limits import VideoLimits
+    from vllm_stgridpool.video_loader import shared_decode_pool
+
+    return shared_decode_pool(VideoLimits.from_env())
+
+
+def test_frames_come_back_through_shared_memory_from_a_reused_worker(videos):
+    import mmap
+
+    frames, _ = PyAVVideoLoader.load_bytes(videos["40f_160x120_30fps"], num_frames=8)
+    base = frames
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap), (type(base), base)
+    workers = set(pool().worker_pids())
+    for _ in range(3):
+        PyAVVideoLoader.load_bytes(videos["40f_160x120_30fps"], num_frames=8)
+    assert set(pool().worker_pids()) == workers
+
+
+def test_budget_waits_its_turn_then_answers_busy():
+    import threading
+    import time
+
+    from vllm_stgridpool.decode_pool import DecodeBudget, DecoderBusy
+
+    budget = DecodeBudget(100)
+    with budget.reserve(60, time.monotonic() + 1):
+        with pytest.raises(DecoderBusy, match="decoding 60 bytes.*needs 41 more.*budget of 100 bytes"):
+            with budget.reserve(41, time.monotonic() + 0.2):
+                pass
+        admitted = threading.Event()
+
+        def second():
+            with budget.reserve(41, time.monotonic() + 30):
+                admitted.set()
+
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert not admitted.wait(0.3)  # waits while the first holds its share
+    waiter.join(30)
+    assert admitted.is_set() and budget.in_flight == 0
+
+
+def test_a_full_budget_is_a_503_after_the_wait(videos, monkeypatch):
+    import time
+
+    from vllm.exceptions import GracefulHTTPError
+
+    monkeypatch.setenv("STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS", "0.5")
+    budget = pool().budget
+    with budget.reserve(budget.capacity, time.monotonic() + 1):
+        with pytest.raises(GracefulHTTPError, match="video decode budget") as caught:
+            PyAVVideoLoader.load_bytes(videos["40f_160x120_30fps"], num_frames=8)
+    assert caught.value.http_status == 503
+    assert PyAVVideoLoader.load_bytes(videos["40f_160x120_30fps"], num_frames=8)[0].shape[0] == 8
+
+
+@pytest.mark.parametrize(("signal_name", "status"), [("SIGKILL", 503), ("SIGSEGV", 422)])
+def test_a_worker_ended_mid_decode_fails_that_video_only(signal_name, status):
+    """Killed (OOM killer, operator): 503, try again; crashed on the input: 422. Either way the next video decodes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from vllm.exceptions import VLLMError
+
+    from vllm_stgridpool_testing.sample_videos import mp4_bytes
+
+    data = mp4_bytes(64, 1280, 720)
+    outcome = {}
+
+    def decode():
+        try:
+            outcome["frames"] = PyAVVideoLoader.load_bytes(data, num_frames=64)[0]
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = error
+
+    thread = threading.Thread(target=decode)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while pool().budget.in_flight == 0 and time.monotonic() < deadline:  # frames reserved: decoding
+        time.sleep(0.005)
+    busy = [pid for pid in pool().worker_pids() if worker_is_decoding(pid)] or pool().worker_pids()
+    os.kill(busy[0], getattr(signal, signal_name))
+    thread.join(120)
+    error = outcome.get("error")
+    assert isinstance(error, VLLMError), outcome
+    assert f"ended with {signal_name}" in str(error) and "video decoder (PyAV" in str(error)
+    assert getattr(error, "http_status", 422) == status
+    assert busy[0] not in pool().worker_pids()
+    assert PyAVVideoLoader.load_bytes(mp4_bytes(2), num_frames=8)[0].shape[0] == 2
+
+
+def worker_is_decoding(pid: int) -> bool:
+    """Whether the worker holds a frames memfd mapping (only while it decodes)."""
+    try:
+        return "stgridpool-frames" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False

@@ -16,12 +16,40 @@ def _optional(name: str) -> Callable[[], str | None]:
     return lambda: os.environ.get(name) or None
 
 
+def _number(name: str, default: float, kind: type = int) -> Callable[[], Any]:
+    """A number from the environment; a value that is not one stops the request with the variable's name."""
+
+    def read() -> Any:
+        raw = os.environ.get(name)
+        if not raw:
+            return default
+        try:
+            return kind(raw)
+        except ValueError:
+            raise RuntimeError(f"{name}={raw!r} is not a {kind.__name__}") from None
+
+    return read
+
+
 environment_variables: dict[str, Callable[[], Any]] = {
     # vLLM's allowlist of general plugins (``--plugins a,b`` sets it). Naming
     # ``stgridpool`` activates ST-GridPool for every model the server loads.
     "VLLM_PLUGINS": _optional("VLLM_PLUGINS"),
     # vLLM's video loader choice. Set, the plugin leaves the server's loader alone.
     "VLLM_VIDEO_LOADER_BACKEND": _optional("VLLM_VIDEO_LOADER_BACKEND"),
+    # Limits on uploaded videos, checked from the container's header before decoding
+    # (video_limits.py): frame size in pixels (default 3840 x 2160), decoded RGB bytes of
+    # the sampled frames (default 64 frames of 3840 x 2160), and the decoded bytes of all
+    # videos decoding at once (0: a quarter of the machine's memory).
+    "STGRIDPOOL_MAX_VIDEO_PIXELS": _number("STGRIDPOOL_MAX_VIDEO_PIXELS", 3840 * 2160),
+    "STGRIDPOOL_MAX_VIDEO_DECODE_BYTES": _number("STGRIDPOOL_MAX_VIDEO_DECODE_BYTES", 64 * 3840 * 2160 * 3),
+    "STGRIDPOOL_VIDEO_DECODE_BUDGET_BYTES": _number("STGRIDPOOL_VIDEO_DECODE_BUDGET_BYTES", 0),
+    # The decode pool (decode_pool.py): worker processes (0 decodes in the API server
+    # itself, without crash containment), the longest wait for a worker and budget
+    # before HTTP 503, and the longest decode before its worker is ended.
+    "STGRIDPOOL_VIDEO_DECODE_WORKERS": _number("STGRIDPOOL_VIDEO_DECODE_WORKERS", min(4, os.cpu_count() or 1)),
+    "STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS": _number("STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS", 30.0, float),
+    "STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS": _number("STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS", 120.0, float),
     # Set by the plugin once it has said that this vLLM is unsupported, so the
     # processes a server spawns do not say it again.
     "STGRIDPOOL_UNSUPPORTED_VLLM_REPORTED": lambda: os.environ.get("STGRIDPOOL_UNSUPPORTED_VLLM_REPORTED") == "1",

@@ -104,16 +104,16 @@ def register() -> None:
     for architecture, family in FAMILIES.items():
         ModelRegistry.register_model(architecture, family.model_class)
     _register_frame_sampling_default(DECORD_BY_DEFAULT.applies(version))
-    from vllm_stgridpool.video_loader import register_decord_loader
+    from vllm_stgridpool.video_loader import register_video_loader
 
-    register_decord_loader()
+    register_video_loader()
     _registered = True
     logger.debug("vllm-stgridpool registered for %s", ", ".join(FAMILIES))
 
 
 def _register_frame_sampling_default(decord_by_default: bool) -> None:
     """With ST-GridPool active, the server samples up to ``max_frames`` frames per video
-    (with decord, where vLLM's opencv loader rejects 1-frame videos).
+    (with the plugin's loader, where vLLM's opencv loader rejects 1-frame videos).
 
     vLLM's video loader samples 32 frames unless ``--media-io-kwargs`` says
     otherwise; the paper's setting is 64 (fewer if ``max_model_len`` cannot
@@ -150,6 +150,7 @@ def _frame_sampling_hook(previous, extra_tokens: int, decord_by_default: bool):
 
     from vllm_stgridpool.activation import settings_for
     from vllm_stgridpool.compat import request_trust
+    from vllm_stgridpool.video_loader import LOADER_NAME
 
     class STGridPoolFrameSampling(VerifyAndUpdateConfig):
         _stgridpool = True
@@ -166,7 +167,7 @@ def _frame_sampling_hook(previous, extra_tokens: int, decord_by_default: bool):
             video = mm_config.media_io_kwargs.setdefault("video", {})
             video.setdefault("num_frames", default_num_frames(settings, model_config, extra_tokens))
             if decord_by_default and "video_backend" not in video and envs.VLLM_VIDEO_LOADER_BACKEND is None:
-                video["video_backend"] = "decord"
+                video["video_backend"] = LOADER_NAME  # limits, decode pool (video_loader.py)
 
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:

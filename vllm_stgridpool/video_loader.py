@@ -1,26 +1,36 @@
-"""A ``decord`` video loader for vLLM's video loader registry.
+"""The plugin's video loader for vLLM's video loader registry: limits first, decoding in worker processes.
 
-vLLM 0.32's default ``opencv`` loader returns no frames for a valid one-frame
-mp4, so the request fails. ``decord`` decodes such files, and fetches the
-sampled frames with one batched, seeking call. Select it with
-``VLLM_VIDEO_LOADER_BACKEND=decord`` or
-``--media-io-kwargs '{"video": {"video_backend": "decord"}}'``.
+vLLM decodes uploads inside its API server. This loader, registered as
+``pyav`` (and as ``decord``, the name earlier versions used), makes that
+safe for untrusted videos:
 
-decord reads the upload from a temporary file, never from memory: its
-in-memory reader trusts the container's offsets, and a seek past the end
-makes it copy from beyond its buffer, a segfault that ends the API server
-for every client. Its file reader goes through FFmpeg's own I/O, which
-answers such a seek with an error.
+* the container's header is read first, and a video over the server's
+  limits (``video_limits``) is refused with HTTP 400 before any frame is
+  decoded;
+* frames are decoded with PyAV (FFmpeg 8; ``video_decoder``) in a pool of
+  worker processes (``decode_pool``): a decoder crash fails one request,
+  and decoding in flight stays under a memory budget (HTTP 503 when it
+  stays full);
+* the upload is read from a temporary file, so the demuxer's seeks go
+  through FFmpeg's own file I/O (decord's in-memory reader once copied
+  from past its buffer on an mp4 whose offsets point past the end).
+
+vLLM 0.32's own ``opencv`` loader returns no frame for a valid one-frame
+mp4; this one reads it. Select it with ``VLLM_VIDEO_LOADER_BACKEND=pyav``
+or ``--media-io-kwargs '{"video": {"video_backend": "pyav"}}'``; with
+ST-GridPool active on 0.32 it is the default.
 """
 
+from __future__ import annotations
+
 import contextlib
-import re
 import tempfile
+import threading
 from collections.abc import Iterator
+from http import HTTPStatus
 from typing import Any
 
 import numpy.typing as npt
-import torch
 
 from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoBackend, VideoLoader
 from vllm.multimodal.video_decoders import (
@@ -28,17 +38,25 @@ from vllm.multimodal.video_decoders import (
     VideoTargetMetadata,
     check_frame_pixel_limit,
 )
+from vllm_stgridpool import envs
+from vllm_stgridpool.decode_pool import DecodeBudget, DecodePool, DecoderBusy, DecoderDied, WorkerFailure
+from vllm_stgridpool.video_limits import VideoLimits
 
-__all__ = ["DECORD_LOADER_NAME", "DecordVideoLoader", "register_decord_loader"]
+__all__ = [
+    "LOADER_NAME",
+    "LOADER_NAMES",
+    "PyAVVideoLoader",
+    "decoder_description",
+    "register_video_loader",
+    "shared_decode_pool",
+]
 
-DECORD_LOADER_NAME = "decord"
-
-# decord prefixes its messages with "[hh:mm:ss] /build/path/file.cc:123: ".
-_DECORD_LOG_PREFIX = re.compile(r"\[\d{2}:\d{2}:\d{2}\] \S+:\d+: ")
+LOADER_NAME = "pyav"
+LOADER_NAMES = (LOADER_NAME, "decord")  # "decord": the name of this loader before it decoded with PyAV
 
 
-class DecordVideoLoader(VideoLoader):
-    """Drop-in replacement for the ``opencv`` loader that decodes with decord.
+class PyAVVideoLoader(VideoLoader):
+    """Drop-in replacement for the ``opencv`` loader, for untrusted uploads.
 
     Frame selection is delegated to the ``opencv`` loader, so both return the
     same frame indices and the same metadata keys for the same request.
@@ -51,7 +69,7 @@ class DecordVideoLoader(VideoLoader):
         target: VideoTargetMetadata,
         **kwargs,
     ) -> list[int]:
-        """Reuse vLLM's uniform sampling so decord and opencv pick the same frames."""
+        """Reuse vLLM's uniform sampling so this loader and opencv pick the same frames."""
         return VideoBackend.compute_frames_index_to_sample(source, target, **kwargs)
 
     @classmethod
@@ -69,74 +87,100 @@ class DecordVideoLoader(VideoLoader):
         Takes the ``opencv`` loader's arguments. ``max_duration`` is ignored
         there too. ``frame_recovery`` and the codec options (``backend``,
         ``num_ffmpeg_threads``, ...) steer vLLM's own decoders and have no
-        decord counterpart: a sampled frame decord cannot decode rejects the
-        whole video instead of being skipped or replaced.
+        counterpart here: a sampled frame that cannot be decoded rejects the
+        whole video instead of being skipped or replaced. The limits are the
+        server's (``vllm_stgridpool.envs``); no keyword changes them.
 
         Returns ``(frames, metadata)``: ``frames`` is a uint8 RGB array of
         shape (T, H, W, 3); ``metadata`` has the keys of
         ``VideoLoader.create_hf_metadata``.
 
         Raises:
-            ValueError: the bytes are not a decodable video (the API server
-                answers it with HTTP 400), or a frame exceeds
-                ``VLLM_MAX_IMAGE_PIXELS``.
+            ValueError: the bytes are not a decodable video, or the video is
+                over a limit (the API server answers HTTP 400).
+            vllm.exceptions.GracefulHTTPError: no decoder or budget came
+                free in time (HTTP 503), or the decoder was killed.
+            vllm.exceptions.VLLMUnprocessableEntityError: the decoder
+                crashed on this video (HTTP 422).
         """
-        with _video_file(data) as path:
-            return cls._load_file(path, num_frames, fps, max_duration, **kwargs)
-
-    @classmethod
-    def _load_file(
-        cls, path: str, num_frames: int, fps: float, max_duration: float, **kwargs: Any
-    ) -> tuple[npt.NDArray, dict[str, Any]]:
-        """:meth:`load_bytes` on the upload written to ``path``."""
-        reader = _open_reader(path)
-        if len(reader) == 0:
-            raise ValueError("Could not decode video: it has no frames.")
-        # Frame 0 is always sampled, so probing it costs one extra frame decode.
-        first_frame = _decode(reader.next)
-        height, width = first_frame.shape[:2]
-        check_frame_pixel_limit(width, height)
-
-        total_frames_num = len(reader)
-        original_fps = float(reader.get_avg_fps())
-        source = cls._prepare_source(
-            VideoSourceMetadata(
-                total_frames_num=total_frames_num,
-                original_fps=original_fps,
-                # Same arithmetic as vLLM's opencv metadata reader.
-                duration=total_frames_num / original_fps if original_fps > 0 else 0,
-            )
-        )
-        target = VideoTargetMetadata(
-            num_frames=num_frames, fps=fps, max_duration=max_duration
-        )
-        frame_indices = cls.compute_frames_index_to_sample(source, target, **kwargs)
+        limits = VideoLimits.from_env()
+        target = VideoTargetMetadata(num_frames=num_frames, fps=fps, max_duration=max_duration)
         try:
-            frames = _decode(lambda: reader.get_batch(frame_indices))
-            if frames.shape[-1] != 3:
-                raise ValueError(f"decord returned {frames.shape[-1]} channels instead of 3")
-        except ValueError as decord_error:
-            # decord 0.6 mis-sizes frames of some narrow widths (1, 2, 3, 4, 6,
-            # 8, 12, 16, ...); PyAV decodes those. Truly broken input fails both.
-            try:
-                frames = _decode_with_pyav(path, frame_indices)
-            except ValueError:
-                raise decord_error from None
+            with _video_file(data) as path, shared_decode_pool(limits).decoder(
+                envs.STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS, envs.STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS
+            ) as decoder:
+                header = decoder.open(path, limits.max_video_pixels)
+                limits.check_frame_size(header.width, header.height)
+                check_frame_pixel_limit(header.width, header.height)  # vLLM's VLLM_MAX_IMAGE_PIXELS
+                source = cls._prepare_source(
+                    VideoSourceMetadata(
+                        total_frames_num=header.total_frames,
+                        original_fps=header.fps,
+                        # Same arithmetic as vLLM's opencv metadata reader.
+                        duration=header.total_frames / header.fps if header.fps > 0 else 0,
+                    )
+                )
+                frame_indices = cls.compute_frames_index_to_sample(source, target, **kwargs)
+                nbytes = limits.check_decoded_size(len(frame_indices), header.width, header.height)
+                frames = decoder.decode(frame_indices, header, nbytes)
+        except (DecoderBusy, DecoderDied, WorkerFailure) as error:
+            raise _http_error(error) from error
         return frames, cls.create_hf_metadata(
             source=source,
             valid_frame_indices=frame_indices,
-            video_backend=DECORD_LOADER_NAME,
+            video_backend=LOADER_NAME,
         )
 
 
-def register_decord_loader() -> type[DecordVideoLoader]:
-    """Register ``DecordVideoLoader`` as ``"decord"``; repeated calls are no-ops.
+def register_video_loader() -> type[PyAVVideoLoader]:
+    """Register ``PyAVVideoLoader`` under :data:`LOADER_NAMES`; repeated calls are no-ops.
 
     The plugin's ``register()`` runs in every vLLM process, so this only
-    touches the registry; decord itself is imported on the first decode.
+    touches the registry; the decode pool starts with the first video.
     """
-    VIDEO_LOADER_REGISTRY.register(DECORD_LOADER_NAME)(DecordVideoLoader)
-    return DecordVideoLoader
+    for name in LOADER_NAMES:
+        VIDEO_LOADER_REGISTRY.register(name)(PyAVVideoLoader)
+    return PyAVVideoLoader
+
+
+# The names this module had when it decoded with decord (examples and other callers use them).
+DecordVideoLoader = PyAVVideoLoader
+register_decord_loader = register_video_loader
+
+_pool: DecodePool | None = None
+_pool_lock = threading.Lock()
+
+
+def shared_decode_pool(limits: VideoLimits) -> DecodePool:
+    """This process's decode pool, started on first use (``STGRIDPOOL_VIDEO_DECODE_WORKERS`` workers)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = DecodePool(envs.STGRIDPOOL_VIDEO_DECODE_WORKERS, DecodeBudget(limits.decode_budget_bytes))
+        _pool.budget.capacity = limits.decode_budget_bytes
+        return _pool
+
+
+def decoder_description() -> str:
+    """The decoder and the FFmpeg it links, as error messages name it."""
+    import av
+
+    major, minor, micro = av.library_versions["libavcodec"]
+    return f"PyAV {av.__version__}, libavcodec {major}.{minor}.{micro}"
+
+
+def _http_error(error: Exception) -> Exception:
+    """The vLLM error the API server answers for a decode pool failure."""
+    from vllm.exceptions import GracefulHTTPError, VLLMServerError, VLLMUnprocessableEntityError
+
+    if isinstance(error, DecoderBusy):
+        return GracefulHTTPError(f"Could not decode video now: {error}", HTTPStatus.SERVICE_UNAVAILABLE)
+    message = f"Could not decode video: the video decoder ({decoder_description()}): {error}"
+    if isinstance(error, DecoderDied) and error.crashed:
+        return VLLMUnprocessableEntityError(message)
+    if isinstance(error, DecoderDied):
+        return GracefulHTTPError(message + "; try again", HTTPStatus.SERVICE_UNAVAILABLE)
+    return VLLMServerError(message)
 
 
 @contextlib.contextmanager
@@ -148,60 +192,3 @@ def _video_file(data: bytes) -> Iterator[str]:
         file.write(data)
         file.flush()
         yield file.name
-
-
-def _open_reader(path: str):
-    """A decord reader of the video file at ``path``."""
-    import decord
-
-    # decord raises RuntimeError, decord.DECORDError or AssertionError for
-    # input it cannot parse; each means the client sent a broken video.
-    try:
-        return decord.VideoReader(path, ctx=decord.cpu(0))
-    except Exception as error:
-        raise _undecodable(error) from error
-
-
-def _decode(read) -> npt.NDArray:
-    """Run a decord read and return its frames as a numpy array.
-
-    Turns decord's errors into ``ValueError`` so a broken upload becomes a
-    client error instead of an internal server error. The frames reach numpy
-    through DLPack, which hands over decord's buffer instead of copying it
-    (``asnumpy()`` would double the peak memory of the frames).
-    """
-    try:
-        batch = read()
-    except Exception as error:
-        raise _undecodable(error) from error
-    return torch.utils.dlpack.from_dlpack(batch.to_dlpack()).numpy()
-
-
-def _decode_with_pyav(path: str, frame_indices: list[int]) -> npt.NDArray:
-    """The frames at ``frame_indices`` (in decode order) of the video file at ``path``, decoded by PyAV."""
-    import av
-    import numpy as np
-
-    wanted = set(frame_indices)
-    picked = {}
-    try:
-        with av.open(path) as container:
-            for index, frame in enumerate(container.decode(video=0)):
-                if index in wanted:
-                    picked[index] = frame.to_ndarray(format="rgb24")
-                if len(picked) == len(wanted):
-                    break
-    except av.FFmpegError as error:
-        raise ValueError(f"Could not decode video with PyAV: {error}") from error
-    missing = wanted - picked.keys()
-    if missing:
-        raise ValueError(f"Could not decode video: frames {sorted(missing)[:5]} are unreadable")
-    return np.stack([picked[i] for i in frame_indices])
-
-
-def _undecodable(error: Exception) -> ValueError:
-    """Build the client-facing error, without decord's build paths."""
-    reason = _DECORD_LOG_PREFIX.sub("", str(error)).strip()
-    if "cannot find video stream" in reason:
-        return ValueError("Could not decode video: the data holds no video stream (0 frames).")
-    return ValueError(f"Could not decode video with decord: {reason}")

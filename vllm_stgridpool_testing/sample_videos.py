@@ -111,3 +111,54 @@ def _write_with_pyav(path: Path, frames, width: int, height: int, fps: float) ->
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+
+
+def size_bomb_mp4(num_frames: int, width: int, height: int, fps: float = DEFAULT_FPS) -> bytes:
+    """A tiny H.264 mp4 of ``num_frames`` one-colour frames of ``width`` x ``height`` (even sizes).
+
+    libx264 at CRF 51 spends almost nothing on frames that never change: 64
+    frames of 8192 x 8192 are about 200 KB, yet 12.9 GB of RGB once decoded.
+    """
+    import io
+    from fractions import Fraction
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "51", "preset": "ultrafast"}
+        frame = av.VideoFrame(width, height, "yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes([128]) * plane.buffer_size)
+        for index in range(num_frames):
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def growing_m4v(small: tuple[int, int], large: tuple[int, int], frames_each: int = 4) -> bytes:
+    """A raw MPEG-4 Part 2 stream whose frames grow from ``small`` to ``large`` (width, height) halfway.
+
+    Its header (the first VOL) declares ``small``; a decoder that trusts the
+    header is handed frames of ``large`` from frame ``frames_each`` on.
+    """
+    from fractions import Fraction
+
+    import av
+
+    def encode(width: int, height: int) -> bytes:
+        codec = av.CodecContext.create("mpeg4", "w")
+        codec.width, codec.height, codec.pix_fmt = width, height, "yuv420p"
+        codec.time_base, codec.framerate = Fraction(1, 10), 10
+        packets = []
+        for index in range(frames_each):
+            frame = av.VideoFrame.from_ndarray(synthetic_frame(index, width, height), format="rgb24")
+            frame.pts = index
+            packets += codec.encode(frame)
+        packets += codec.encode(None)
+        return b"".join(bytes(packet) for packet in packets)
+
+    return encode(*small) + encode(*large)
