@@ -50,6 +50,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "STGRIDPOOL_VIDEO_DECODE_WORKERS": _number("STGRIDPOOL_VIDEO_DECODE_WORKERS", min(4, os.cpu_count() or 1)),
     "STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS": _number("STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS", 30.0, float),
     "STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS": _number("STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS", 120.0, float),
+    # What runs the stage (backend.py): auto (the CPU kernels on CPU, Triton on CUDA where it
+    # imports, PyTorch ops otherwise), cpu-kernels, triton or torch.
+    "STGRIDPOOL_STAGE_BACKEND": lambda: (os.environ.get("STGRIDPOOL_STAGE_BACKEND") or "auto").strip().lower(),
     # Set by the plugin once it has said that this vLLM is unsupported, so the
     # processes a server spawns do not say it again.
     "STGRIDPOOL_UNSUPPORTED_VLLM_REPORTED": lambda: os.environ.get("STGRIDPOOL_UNSUPPORTED_VLLM_REPORTED") == "1",

@@ -14,7 +14,9 @@ Two paths compute the same formulas in the same precisions: on CPU the
 fused kernels of :mod:`vllm_stgridpool.native` (NSP reading each window
 once, the resize writing straight into the mosaics, the plan's steps walked
 in C++, one call per video), elsewhere PyTorch ops
-(and on CPU where the kernels cannot be built); the tests run both. Under
+(and on CPU where the kernels cannot be built); the tests run both. On
+CUDA the Triton kernels of :mod:`vllm_stgridpool.triton_stage` run the
+whole stage in L + 1 launches; :mod:`vllm_stgridpool.backend` chooses. Under
 ``torch.compile`` the CPU stage is one opaque op; elsewhere the pooling of
 every frame is left to the compiler (it fuses it into two passes) and the
 pyramid with its mosaics' pooling runs as one opaque op, the eager code.
@@ -33,12 +35,13 @@ becomes the dtype's largest value and 0.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 
-from vllm_stgridpool import native
+from vllm_stgridpool import backend, native, triton_stage
 from vllm_stgridpool.config import STGridPoolConfig
 from vllm_stgridpool.plan import Plan, PoolFrames, PoolMosaics, Resize, area_window, chunk_frames, make_plan
 
@@ -59,10 +62,14 @@ def st_gridpool(x: torch.Tensor, config: STGridPoolConfig | None = None) -> torc
     batched = x.dim() == 5
     videos = x if batched else x.unsqueeze(0)
     with torch.no_grad():
+        chosen = _backend(videos.device.type)  # backend.py: the CPU kernels, Triton or PyTorch ops
         if torch.compiler.is_compiling():
             out = _compiled_stage(videos, config)
+        elif chosen == backend.TRITON:
+            out = triton_stage.run(videos, config)
         else:
-            out = apply_plan(videos, _eager_plan(videos, config), config.temperature, config.norm_p)
+            with _ops_only(chosen):
+                out = apply_plan(videos, _eager_plan(videos, config), config.temperature, config.norm_p)
     return out if batched else out.squeeze(0)
 
 
@@ -109,6 +116,8 @@ def _compiled_stage(videos: torch.Tensor, config: STGridPoolConfig) -> torch.Ten
     """
     plan_args = (list(config.grid_sizes), list(config.grid_strides), config.kernel_size, config.temperature,
                  config.norm_p)
+    if _backend(videos.device.type) == backend.TRITON:  # the whole stage: one opaque op, L + 1 launches
+        return triton_stage.triton_stage(videos, *plan_args)
     if _fused_kernel_applies(videos.device.type, videos.dtype):
         return eager_stage(videos, *plan_args, False, videos.shape[1])
     pooled = norm_pool(videos, config.kernel_size, config.temperature, config.norm_p)
@@ -128,7 +137,18 @@ def _replaced_frames(num_frames: int, height: int, width: int, config: STGridPoo
 @torch.compiler.assume_constant_result
 def _fused_kernel_applies(device_type: str, dtype: torch.dtype) -> bool:
     """A constant to ``torch.compile``: whether the eager stage would run on the fused CPU kernels."""
-    return native.applies(device_type, dtype)
+    return backend.for_device(device_type) == backend.CPU_KERNELS and native.applies(device_type, dtype)
+
+
+@torch.compiler.assume_constant_result
+def _backend(device_type: str) -> str:
+    """A constant to ``torch.compile``: :func:`backend.for_device`."""
+    return backend.for_device(device_type)
+
+
+def _ops_only(chosen: str):
+    """With the ``torch`` backend, the CPU kernels stay out (:func:`native.disabled`) inside the block."""
+    return native.disabled() if chosen == backend.TORCH else contextlib.nullcontext()
 
 
 @torch.library.custom_op("stgridpool::eager_stage", mutates_args=())
@@ -140,7 +160,8 @@ def eager_stage(
     or, with ``mosaics_only``, the ``rows`` pooled mosaics that replace frames."""
     config = STGridPoolConfig(grid_sizes=tuple(grid_sizes), grid_strides=tuple(grid_strides), kernel_size=kernel_size)
     plan = _eager_plan(videos, config)  # temperature and norm_p do not change the plan
-    return apply_plan(videos, plan, temperature, norm_p, mosaics_only=mosaics_only)
+    with _ops_only(backend.for_device(videos.device.type)):
+        return apply_plan(videos, plan, temperature, norm_p, mosaics_only=mosaics_only)
 
 
 @eager_stage.register_fake

@@ -24,7 +24,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import VideoEmbeddingItems, VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from vllm_stgridpool import metrics, native
+from vllm_stgridpool import backend, metrics, native
 from vllm_stgridpool.activation import plugin_settings, settings_for
 from vllm_stgridpool.budget import VideoFit, fit_video, sample_frames
 from vllm_stgridpool.config import STGridPoolConfig, STGridPoolConfigError, STGridPoolSettings
@@ -283,10 +283,14 @@ def video_configs(
 
 def stage_settings(hf_config, vllm_config) -> STGridPoolSettings | None:
     """The model's ST-GridPool settings (None: stock); on a CPU engine, the fused kernels are built or loaded
-    here, while the engine starts, rather than on the first video (a build takes about 20 s, once per machine)."""
+    here, while the engine starts, rather than on the first video (a build takes about 20 s, once per machine).
+    The stage's backend is logged here once, and a STGRIDPOOL_STAGE_BACKEND the device cannot run stops the
+    start with the reason."""
     settings = settings_for(hf_config)
-    if settings is not None and vllm_config.device_config.device_type == "cpu":
-        native.load()
+    if settings is not None:
+        device_type = vllm_config.device_config.device_type
+        if backend.announce(device_type) == backend.CPU_KERNELS and device_type == "cpu":
+            native.load()
     return settings
 
 
