@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test test-vllm-next test-distributed bench bench-op bench-decode bench-serve bench-batch clean
+.PHONY: setup demo test test-vllm-next test-distributed bench bench-op bench-decode bench-serve bench-followup bench-batch clean
 
 setup: $(STAMP)
 
@@ -70,10 +70,13 @@ bench-decode: setup
 bench-serve: setup
 	$(BIN)/python benchmarks/serve_bench.py
 
+bench-followup: setup
+	$(BIN)/python benchmarks/followup_bench.py
+
 bench-batch: setup
 	$(BIN)/python benchmarks/batch_bench.py
 
-bench: bench-op bench-decode bench-serve bench-batch
+bench: bench-op bench-decode bench-serve bench-followup bench-batch
 
 clean:
 	rm -rf $(VENV) $(NEXT_VENV) artifacts .pytest_cache

@@ -1,17 +1,21 @@
-"""What the serving and the batch benchmark share, so that their figures describe the same thing.
+"""What the serving, follow-up and batch benchmarks share, so that their figures describe the same thing.
 
-Both serve one checkpoint and clips of one size, and both reports begin
-with the same facts of the run.
+They serve one checkpoint, clips of one size and the same variants, and
+every report begins with the same facts of the run: the code (git commit),
+vLLM's version, the machine, and where its figures hold.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
 import msgspec
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # A text model big enough that prefill and KV size follow the prompt length,
 # small enough that a 64-frame request takes seconds on two CPU cores.
@@ -19,28 +23,97 @@ CHECKPOINT_ARGS = dict(text_hidden=512, text_layers=6, text_heads=8, text_kv_hea
 VISION = {"vision_hidden": 32, "vision_layers": 2, "grid": "27x27", "dtype": "float32"}  # the builder's defaults
 VIDEO_SIZE = (320, 240)
 
+# name -> (the ``--hf-overrides`` / ``hf_overrides`` object, ``VLLM_PLUGINS``). A budget
+# variant is k=2 with the server-wide ``max_video_tokens`` of the stgridpool object: it
+# keeps k=2 while 16 frames fit and samples fewer frames (or raises the kernel) to fit.
+VARIANTS = {
+    "stock": (None, ""),
+    "stgridpool-k2": ({"stgridpool": {}}, "stgridpool"),
+    "stgridpool-k3": ({"stgridpool": {"kernel_size": 3}}, "stgridpool"),
+    "stgridpool-b4096": ({"stgridpool": {"max_video_tokens": 4096}}, "stgridpool"),
+    "stgridpool-b2048": ({"stgridpool": {"max_video_tokens": 2048}}, "stgridpool"),
+}
+LABELS = {
+    "stock": "stock (2x2 bilinear)",
+    "stgridpool-k2": "ST-GridPool k=2",
+    "stgridpool-k3": "ST-GridPool k=3",
+    "stgridpool-b4096": "ST-GridPool, 4,096-token budget",
+    "stgridpool-b2048": "ST-GridPool, 2,048-token budget",
+}
+STYLES = {  # (color, marker) per variant, the same in every plot
+    "stock": ("tab:gray", "o"),
+    "stgridpool-k2": ("tab:blue", "s"),
+    "stgridpool-k3": ("tab:orange", "^"),
+    "stgridpool-b4096": ("tab:green", "D"),
+    "stgridpool-b2048": ("tab:purple", "v"),
+}
+
+# Where the figures hold, written into every report next to them.
+SCOPE = (
+    "Measured on {cpu_count} CPU cores with a tiny random-weight LLaVA-OneVision checkpoint "
+    "(SigLIP 27x27 grid, Qwen2 text model of width 512 and 6 layers). Exact for any model on the "
+    "27x27 grid, so they carry over to a 7B model on a GPU: prompt tokens per video, KV blocks per "
+    "request, and the KV capacity ratios (how many requests a fixed cache holds). Do not carry over: "
+    "latency and throughput, and their ratios; here a 512-wide model's prefill is dominated by "
+    "attention (grows with tokens squared) and everything shares 2 cores, so time falls faster than "
+    "the token count, while a 7B model's prefill is dominated by its weights (linear in tokens): "
+    "expect time ratios near the token ratios there, plus what the larger capacity adds under load."
+)
+
 
 class RunFacts(msgspec.Struct, kw_only=True):
-    """The fields every engine benchmark report starts with."""
+    """The fields every engine benchmark report starts with (defaults: reports written before a field existed)."""
 
     vllm_version: str
     machine: str
     cpu_count: int
     checkpoint: dict
     video_size: list[int]
+    git_commit: str = ""
+    git_dirty: bool = False  # uncommitted changes to tracked files when the run started
+    git_changed_paths: list[str] = []  # which ones
+    cpu_model: str = ""
+    memory_gib: float = 0.0
+    figures_hold: str = ""
 
 
 def run_facts() -> dict:
     """This run's :class:`RunFacts`, as keyword arguments of a report."""
     import vllm
 
+    cpu_count = os.cpu_count() or 0
     return dict(
         vllm_version=vllm.__version__,
         machine=f"{platform.machine()} {platform.processor() or platform.system()}",
-        cpu_count=os.cpu_count() or 0,
+        cpu_count=cpu_count,
         checkpoint={**CHECKPOINT_ARGS, **VISION},
         video_size=list(VIDEO_SIZE),
+        **git_state(),
+        cpu_model=_proc_field("/proc/cpuinfo", "model name") or platform.processor(),
+        memory_gib=round(int((_proc_field("/proc/meminfo", "MemTotal") or "0 kB").split()[0]) / 2**20, 1),
+        figures_hold=SCOPE.format(cpu_count=cpu_count),
     )
+
+
+def git_state() -> dict:
+    """The commit the code ran at, and which tracked files differed from it."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.rstrip() if done.returncode == 0 else ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return dict(git_commit=git("rev-parse", "HEAD"), git_dirty=bool(changed), git_changed_paths=changed)
+
+
+def _proc_field(path: str, name: str) -> str:
+    try:
+        for line in Path(path).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
+    except OSError:
+        pass
+    return ""
 
 
 def build_checkpoint(artifacts: Path) -> Path:

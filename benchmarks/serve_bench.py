@@ -1,12 +1,13 @@
-"""Serving benchmark: stock LLaVA-OneVision against ST-GridPool (k=2, k=3) behind vLLM's OpenAI server.
+"""Serving benchmark: stock LLaVA-OneVision against ST-GridPool (k=2, k=3, budgets) behind vLLM's OpenAI server.
 
-Four servers run one after the other on the same benchmark checkpoint, with
+Five servers run one after the other on the same benchmark checkpoint, with
 the same KV-cache size and the same 64 sampled frames per video:
 
 - stock: ``VLLM_PLUGINS=`` (no plugin loads), vLLM's own 2x2 bilinear pooling;
 - stgridpool-k2: ``VLLM_PLUGINS=stgridpool --hf-overrides '{"stgridpool": {}}'``;
 - stgridpool-k3: the same with ``{"stgridpool": {"kernel_size": 3}}``;
-- stgridpool-b4096: k=2 with a video-token budget, ``{"stgridpool": {"max_video_tokens": 4096}}``.
+- stgridpool-b4096 and stgridpool-b2048: k=2 with a video-token budget,
+  ``{"stgridpool": {"max_video_tokens": 4096}}`` (and 2048).
 
 For each server it measures
 
@@ -24,8 +25,9 @@ For each server it measures
   ``vllm:num_requests_running`` and ``vllm:kv_cache_usage_perc`` sampled from
   ``/metrics`` during the level (which ``vllm bench serve`` does not record).
 
-Writes ``benchmarks/results/serve_bench.json`` and two PNG plots next to it.
-Usage: ``python benchmarks/serve_bench.py [--quick]``.
+Writes ``benchmarks/results/serve_bench.json`` (with the git commit, vLLM's
+version, the machine, each server's and each client's command line) and two
+PNG plots next to it. Usage: ``python benchmarks/serve_bench.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import base64
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -44,11 +47,12 @@ from pathlib import Path
 import httpx
 import msgspec
 
-from engine_setup import VIDEO_SIZE, RunFacts, build_checkpoint, run_facts  # benchmarks/ is on sys.path
+from engine_setup import (  # benchmarks/ is on sys.path
+    LABELS, ROOT, STYLES, VARIANTS, VIDEO_SIZE, RunFacts, build_checkpoint, run_facts,
+)
 from gauge_peaks import KV_CACHE_USAGE, RUNNING_REQUESTS, GaugePeaks
 from vllm_stgridpool_testing.launch import Server, start_server, vllm_command
 
-ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "serve_bench"
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -60,19 +64,10 @@ MAX_MODEL_LEN = 16384
 MAX_BATCHED_TOKENS = 16384
 SERVED_NAME = "llava-bench"
 LOAD_TEXT_TOKENS = 8  # random text tokens per load request (vllm bench serve's random-mm prompt)
-
-VARIANTS = {
-    "stock": (None, ""),
-    "stgridpool-k2": ({"stgridpool": {}}, "stgridpool"),
-    "stgridpool-k3": ({"stgridpool": {"kernel_size": 3}}, "stgridpool"),
-    "stgridpool-b4096": ({"stgridpool": {"max_video_tokens": 4096}}, "stgridpool"),
-}
-LABELS = {
-    "stock": "stock (2x2 bilinear)",
-    "stgridpool-k2": "ST-GridPool k=2",
-    "stgridpool-k3": "ST-GridPool k=3",
-    "stgridpool-b4096": "ST-GridPool, 4,096-token budget",
-}
+# Load levels of a default run: 8, 8, 8 and 16 requests of 64 frames, about 40 minutes on 2 idle
+# cores for the five variants (README: benchmarks/README.md, "Duration").
+DEFAULT_CONCURRENCY = (1, 4, 8, 16)
+DEFAULT_REQUESTS = 8
 
 KV_LOG_LINE = re.compile(
     r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x"
@@ -94,6 +89,7 @@ class LevelResult(msgspec.Struct):
     peak_running_requests: int
     peak_kv_cache_usage: float
     first_error: str | None = None
+    command: str = ""  # the exact client command line, run from the repository root
 
 
 class KVCapacity(msgspec.Struct):
@@ -117,6 +113,8 @@ class VariantResult(msgspec.Struct):
     kv: KVCapacity
     levels: list[LevelResult]
     ratio_to_stock: dict[str, float] = {}
+    server_command: str = ""  # the exact server command line, run from the repository root
+    request_s_by_frames: dict[int, float] = {}  # each token-count request's end-to-end time, alone on the server
 
 
 class Report(RunFacts, kw_only=True):
@@ -126,6 +124,7 @@ class Report(RunFacts, kw_only=True):
     load_frames: int
     variants: list[VariantResult]
     total_s: float
+    requests_per_level: dict[int, int] = {}  # concurrency -> requests sent
 
 
 # ---------------------------------------------------------------- inputs
@@ -142,21 +141,39 @@ def video_url(frames: int, width: int = VIDEO_SIZE[0]) -> str:
 # ---------------------------------------------------------------- server
 
 
-def start_variant(name: str, checkpoint: Path, kv_bytes: int, overrides, plugins: str) -> Server:
-    """``vllm serve`` for one variant, with the same sizing flags for every variant."""
+def start_variant(name: str, checkpoint: Path, kv_bytes: int, *, prefix_caching: bool = False,
+                  logs: Path = ARTIFACTS / "logs") -> Server:
+    """``vllm serve`` for one variant, with the same sizing flags for every variant.
+
+    Prefix caching is off for the load benchmark (every load request
+    carries a new video, so only the chat template's first tokens could be
+    shared) and on for the follow-up benchmark, which measures that reuse.
+    """
+    overrides, plugins = VARIANTS[name]
     args = [
         "--served-model-name", SERVED_NAME,
         "--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
         "--kv-cache-memory-bytes", str(kv_bytes), "--dtype", "float32",
-        "--no-enable-prefix-caching", "--seed", "0",
+        "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching", "--seed", "0",
         "--media-io-kwargs", json.dumps({"video": {"num_frames": SAMPLED_FRAMES}}),
     ]
     if overrides is not None:
         args += ["--hf-overrides", json.dumps(overrides)]
     return start_server(
         checkpoint, *args, env={"VLLM_PLUGINS": plugins},
-        log_path=ARTIFACTS / "logs" / f"{name}.log", timeout=900,
+        log_path=logs / f"{name}.log", timeout=900,
     )
+
+
+def command_line(command: list[str], env: dict[str, str]) -> str:
+    """``command`` as a shell line run from the repository root: ``vllm`` for the venv's script, relative paths."""
+    words = ["vllm" if word == vllm_command()[0] else word for word in command]
+    words = [word.replace(str(ROOT) + os.sep, "") for word in words]
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(words)])
+
+
+def server_command_line(server: Server, name: str) -> str:
+    return command_line(list(server.process.args), {"VLLM_PLUGINS": VARIANTS[name][1]})
 
 
 def kv_capacity(server: Server, tokens_per_request: int) -> KVCapacity:
@@ -191,10 +208,11 @@ def _cache_config_info(metrics_text: str) -> dict[str, str]:
 def _server_gauges(server: Server) -> dict[str, float]:
     """The server's KV-cache usage and running requests, from its /metrics."""
     text = server.get("/metrics")
-    return {name: _gauge(text, name) for name in (KV_CACHE_USAGE, RUNNING_REQUESTS)}
+    return {name: metric_total(text, name) for name in (KV_CACHE_USAGE, RUNNING_REQUESTS)}
 
 
-def _gauge(metrics_text: str, name: str) -> float:
+def metric_total(metrics_text: str, name: str) -> float:
+    """A gauge or counter of a ``/metrics`` page, summed over its label sets (vLLM labels by engine and model)."""
     total = 0.0
     for line in metrics_text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
@@ -214,7 +232,7 @@ class RequestResult(msgspec.Struct):
     error: str | None = None
 
 
-async def one_request(client, video_url: str, max_tokens: int) -> RequestResult:
+async def one_request(client, video_url: str, max_tokens: int, question: str = PROMPT_TEXT) -> RequestResult:
     """One streamed chat completion; TTFT is the first chunk that carries a choice.
 
     vLLM sends its first chunk (the role) only once the first token exists, so
@@ -230,7 +248,7 @@ async def one_request(client, video_url: str, max_tokens: int) -> RequestResult:
             model=SERVED_NAME,
             messages=[{"role": "user", "content": [
                 {"type": "video_url", "video_url": {"url": video_url}},
-                {"type": "text", "text": PROMPT_TEXT},
+                {"type": "text", "text": question},
             ]}],
             max_tokens=max_tokens,
             temperature=0.0,
@@ -260,20 +278,20 @@ def make_client(server: Server):
     return openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, http_client=http)
 
 
-async def count_tokens(server: Server, name: str, urls: dict[int, str]) -> dict[int, int]:
-    """Prompt tokens per video, one request at a time (also warms the server up)."""
+async def count_tokens(server: Server, name: str, urls: dict[int, str]) -> tuple[dict[int, int], dict[int, float]]:
+    """Prompt tokens per video and each request's time, one request at a time (also warms the server up)."""
     client = make_client(server)
-    counts = {}
+    counts, seconds = {}, {}
     try:
         for frames, url in urls.items():
             result = await one_request(client, url, max_tokens=1)
             if not result.ok:
                 raise RuntimeError(f"{name}: {frames}-frame request failed: {result.error}")
-            counts[frames] = result.prompt_tokens
+            counts[frames], seconds[frames] = result.prompt_tokens, result.e2e_s
             print(f"  {frames:2d} frames: {result.prompt_tokens:6d} prompt tokens ({result.e2e_s:.1f} s)", flush=True)
     finally:
         await client.close()
-    return counts
+    return counts, seconds
 
 
 def run_level(server: Server, name: str, checkpoint: Path, concurrency: int, requests: int, seed: int,
@@ -308,9 +326,9 @@ def run_level(server: Server, name: str, checkpoint: Path, concurrency: int, req
         "--save-result", "--save-detailed", "--result-dir", str(out_dir), "--result-filename", result_file.name,
     ]
     print(f"  {name} c={concurrency}: vllm bench serve, {requests} requests", flush=True)
-    env = {**os.environ, "VLLM_PLUGINS": "", "NO_PROXY": "127.0.0.1,localhost"}  # a client: no plugin needed
+    client_env = {"VLLM_PLUGINS": "", "NO_PROXY": "127.0.0.1,localhost"}  # a client: no plugin needed
     with GaugePeaks(lambda: _server_gauges(server), interval=0.25) as gauges:
-        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+        done = subprocess.run(command, env={**os.environ, **client_env}, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0 or not result_file.exists():
         print(done.stdout[-4000:], file=sys.stderr)
         raise RuntimeError(f"vllm bench serve failed ({done.returncode}) for {name} c={concurrency}")
@@ -332,24 +350,30 @@ def run_level(server: Server, name: str, checkpoint: Path, concurrency: int, req
         peak_running_requests=int(gauges.peaks[RUNNING_REQUESTS]),
         peak_kv_cache_usage=gauges.peaks[KV_CACHE_USAGE],
         first_error=errors[0] if errors else None,
+        command=command_line(command, client_env),
     )
+
+
+def requests_at(concurrency: int, requests: int) -> int:
+    """Requests sent at one level: ``requests`` rounded up to whole waves of ``concurrency``."""
+    return -(-requests // concurrency) * concurrency
 
 
 def bench_variant(name, checkpoint, urls, args) -> VariantResult:
     overrides, plugins = VARIANTS[name]
     print(f"\n== {name}: VLLM_PLUGINS={plugins!r} hf_overrides={overrides}", flush=True)
     started = time.perf_counter()
-    server = start_variant(name, checkpoint, args.kv_cache_bytes, overrides, plugins)
+    server = start_variant(name, checkpoint, args.kv_cache_bytes)
     startup = time.perf_counter() - started
     try:
         print(f"  ready in {startup:.0f} s (log: {server.log_path.relative_to(ROOT)})", flush=True)
-        counts = asyncio.run(count_tokens(server, name, urls))
+        counts, seconds = asyncio.run(count_tokens(server, name, urls))
         kv = kv_capacity(server, counts[KV_FRAMES] + args.max_tokens)
         print(f"  KV cache: {kv.log_tokens} tokens -> {kv.max_concurrent_requests} concurrent "
               f"{KV_FRAMES}-frame requests of {kv.tokens_per_request} tokens", flush=True)
         levels = []
         for seed, concurrency in enumerate(args.concurrency, start=1):
-            requests = max(args.requests, concurrency)
+            requests = requests_at(concurrency, args.requests)
             level = run_level(server, name, checkpoint, concurrency, requests, seed, args)
             if level.failed:
                 print(f"  {level.failed} failed requests; first error: {level.first_error}", flush=True)
@@ -359,7 +383,8 @@ def bench_variant(name, checkpoint, urls, args) -> VariantResult:
         raise
     finally:
         server.stop()
-    return VariantResult(name, plugins, overrides, startup, counts, kv, levels)
+    return VariantResult(name, plugins, overrides, startup, counts, kv, levels,
+                         server_command=server_command_line(server, name), request_s_by_frames=seconds)
 
 
 # ---------------------------------------------------------------- report
@@ -419,7 +444,7 @@ def plot(variants: list[VariantResult], stem: Path, load_frames: int) -> list[Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"stock": ("tab:gray", "o"), "stgridpool-k2": ("tab:blue", "s"), "stgridpool-k3": ("tab:orange", "^")}
+    styles = STYLES
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -448,18 +473,16 @@ def plot(variants: list[VariantResult], stem: Path, load_frames: int) -> list[Pa
         color, marker = styles[v.name]
         c = [level.concurrency for level in v.levels]
         left.plot(c, [level.requests_per_s for level in v.levels], color=color, marker=marker, label=LABELS[v.name])
-        mid.plot(c, [level.ttft_p50_s for level in v.levels], color=color, marker=marker, label=f"{LABELS[v.name]} p50")
-        mid.plot(c, [level.ttft_p99_s for level in v.levels], color=color, marker=marker, linestyle="--",
-                 alpha=0.6, label=f"{LABELS[v.name]} p99")
-        right.plot(c, [level.e2e_p50_s for level in v.levels], color=color, marker=marker, label=f"{LABELS[v.name]} p50")
-        right.plot(c, [level.e2e_p99_s for level in v.levels], color=color, marker=marker, linestyle="--",
-                   alpha=0.6, label=f"{LABELS[v.name]} p99")
+        mid.plot(c, [level.ttft_p50_s for level in v.levels], color=color, marker=marker)
+        mid.plot(c, [level.ttft_p99_s for level in v.levels], color=color, marker=marker, linestyle="--", alpha=0.6)
+        right.plot(c, [level.e2e_p50_s for level in v.levels], color=color, marker=marker)
+        right.plot(c, [level.e2e_p99_s for level in v.levels], color=color, marker=marker, linestyle="--", alpha=0.6)
     for ax, title, ylabel in (
         (left, "Throughput", "requests / s"),
-        (mid, "Time to first token", "seconds"),
-        (right, "End-to-end latency", "seconds"),
+        (mid, "Time to first token (solid p50, dashed p99)", "seconds"),
+        (right, "End-to-end latency (solid p50, dashed p99)", "seconds"),
     ):
-        ax.set_title(f"{title}, {load_frames}-frame videos")
+        ax.set_title(f"{title}, {load_frames}-frame videos", fontsize=10)
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel(ylabel)
         ax.set_xscale("log", base=2)
@@ -467,7 +490,7 @@ def plot(variants: list[VariantResult], stem: Path, load_frames: int) -> list[Pa
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    left.legend(fontsize=8)
     fig.tight_layout()
     path = stem.with_name(stem.name + "_concurrency.png")
     fig.savefig(path, dpi=110)
@@ -486,9 +509,10 @@ def parse_args(argv=None):
                       help="smoke run: 16-frame load at concurrency 1 and 2, 2 requests per level")
     mode.add_argument("--full", action="store_true", help="full run (the default)")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                        help="comma-separated concurrency levels (default: 1,2,4,8; quick: 1,2)")
+                        help="comma-separated concurrency levels (default: 1,4,8,16; quick: 1,2)")
     parser.add_argument("--requests", type=int, default=None,
-                        help="requests per level, at least the concurrency (default 3; quick 2)")
+                        help="requests per level, rounded up to whole waves of the concurrency "
+                             "(default 8: 8, 8, 8 and 16 requests at 1, 4, 8 and 16; quick 2)")
     parser.add_argument("--load-frames", type=int, choices=FRAME_COUNTS, default=None,
                         help="frames per video in the load phase (default 64; quick 16)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
@@ -502,9 +526,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "full"
     if args.concurrency is None:
-        args.concurrency = [1, 2] if args.quick else [1, 2, 4, 8]
+        args.concurrency = [1, 2] if args.quick else list(DEFAULT_CONCURRENCY)
     if args.requests is None:
-        args.requests = 2 if args.quick else 3
+        args.requests = 2 if args.quick else DEFAULT_REQUESTS
     if args.load_frames is None:
         args.load_frames = 16 if args.quick else 64
     if args.output is None:
@@ -514,6 +538,17 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
     return args
+
+
+def full_run_minutes(variants: list[VariantResult]) -> float:
+    """What a default run would take at this run's speeds: per variant, start-up, the token counts,
+    and the default levels' 64-frame requests at the time one took alone (the cores are the
+    bottleneck at any concurrency; preemptions at a full cache come on top)."""
+    requests = sum(requests_at(c, DEFAULT_REQUESTS) for c in DEFAULT_CONCURRENCY)
+    return sum(
+        v.startup_s + sum(v.request_s_by_frames.values()) + requests * v.request_s_by_frames[KV_FRAMES]
+        for v in variants if v.request_s_by_frames
+    ) / 60
 
 
 def replot(path: Path) -> None:
@@ -529,19 +564,21 @@ def main(argv=None) -> None:
         replot(args.output)
         return
     started = time.perf_counter()
+    facts = run_facts()  # the code as the run starts
     checkpoint = build_checkpoint(ARTIFACTS)
     urls = {frames: video_url(frames) for frames in FRAME_COUNTS}
     variants = [bench_variant(name, checkpoint, urls, args) for name in args.variants]
     add_ratios(variants)
     total = time.perf_counter() - started
     report = Report(
-        **run_facts(),
+        **facts,
         mode=args.mode,
         kv_cache_memory_bytes=args.kv_cache_bytes,
         max_tokens=args.max_tokens,
         load_frames=args.load_frames,
         variants=variants,
         total_s=total,
+        requests_per_level={c: requests_at(c, args.requests) for c in args.concurrency},
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
@@ -549,6 +586,9 @@ def main(argv=None) -> None:
     for path in plot(variants, args.output.with_suffix(""), args.load_frames):
         print(f"wrote {path}")
     print(f"wrote {args.output} ({total / 60:.1f} min in all)")
+    if args.mode == "quick":
+        print(f"a full run of these variants at this run's speeds: about {full_run_minutes(variants):.0f} min "
+              f"(start-ups, token counts, {DEFAULT_CONCURRENCY} x {DEFAULT_REQUESTS} requests of 64 frames)")
 
 
 if __name__ == "__main__":
