@@ -141,30 +141,55 @@ def _kernel():
     return stage_level_kernel
 
 
+class Call(NamedTuple):
+    """Everything a call of one input layout, dtype, device and config passes besides its tensors."""
+
+    out_shape: tuple[int, ...]
+    mosaic_shape: tuple[int, ...] | None  # None: no pyramid level builds a mosaic
+    table: torch.Tensor
+    params: torch.Tensor
+    launches: tuple[tuple[tuple[int, int], tuple[int, ...]], ...]  # (grid, scalar arguments) of each launch
+    constants: dict  # the kernel's constexprs
+
+
+@functools.lru_cache(maxsize=256)
+def _call(shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+          config: STGridPoolConfig) -> Call:
+    """A call's arguments, worked out once (a call then costs one cache look-up, two allocations and its
+    launches); the output and mosaic buffers are contiguous, so their strides follow from their shapes."""
+    batch, num_frames, height, width, dim = shape
+    prepared = prepare((num_frames, height, width, dim), config.grid_sizes, config.grid_strides, config.kernel_size,
+                       device)
+    out_h, out_w = config.output_grid(height, width)
+    out_shape = (batch, num_frames, out_h, out_w, dim)
+    mosaic_shape = (batch, prepared.num_mosaics, height, width, dim) if prepared.num_mosaics else None
+    sizes = (out_h * out_w * dim, out_w * dim, dim)
+    out_strides = (num_frames * sizes[0], *sizes)
+    frame = height * width * dim
+    mosaic_strides = (prepared.num_mosaics * frame, frame, width * dim, dim) if mosaic_shape else out_strides
+    common = (*strides, *mosaic_strides, *out_strides, height, width, dim, out_h, out_w)
+    launches = tuple(((programs, batch), (*common, *args))
+                     for args, programs in zip(prepared.args, prepared.programs) if programs)
+    constants = dict(K=config.kernel_size, NORM=int(config.norm_p) if config.norm_p in (1.0, 2.0) else 0,
+                     ACC=_triton_type(torch.float64 if dtype == torch.float64 else torch.float32),
+                     DTYPE=_triton_type(dtype), BF16=dtype == torch.bfloat16, **prepared.blocks)
+    params = parameters(config.temperature, config.norm_p, dim, dtype, device)
+    return Call(out_shape, mosaic_shape, prepared.table, params, launches, constants)
+
+
 def run(videos: torch.Tensor, config: STGridPoolConfig) -> torch.Tensor:
     """ST-GridPool of (B, T, H, W, D) ``videos`` -> (B, T, H', W', D), in L + 1 launches (module docstring)."""
-    batch, num_frames, height, width, dim = videos.shape
-    prepared = prepare((num_frames, height, width, dim), config.grid_sizes, config.grid_strides, config.kernel_size,
-                       videos.device)
-    out_h, out_w = config.output_grid(height, width)
-    out = videos.new_empty(batch, num_frames, out_h, out_w, dim)
-    if videos.device.type == "meta" or out.numel() == 0:
+    if videos.device.type == "meta":  # shapes only
+        out_h, out_w = config.output_grid(videos.shape[2], videos.shape[3])
+        return videos.new_empty(*videos.shape[:2], out_h, out_w, videos.shape[4])
+    call = _call(tuple(videos.shape), videos.stride(), videos.dtype, videos.device, config)
+    out = videos.new_empty(call.out_shape)
+    if out.numel() == 0:
         return out
-    mosaics = videos.new_empty(batch, prepared.num_mosaics, height, width, dim) if prepared.num_mosaics else out
-    params = parameters(config.temperature, config.norm_p, dim, videos.dtype, videos.device)
-    norm = int(config.norm_p) if config.norm_p in (1.0, 2.0) else 0
-    precision = dict(ACC=_triton_type(torch.float64 if videos.dtype == torch.float64 else torch.float32),
-                     DTYPE=_triton_type(videos.dtype), BF16=videos.dtype == torch.bfloat16)
+    mosaics = videos.new_empty(call.mosaic_shape) if call.mosaic_shape else out
     kernel = _kernel()
-    for args, programs in zip(prepared.args, prepared.programs):
-        if programs == 0:
-            continue
-        kernel[(programs, batch)](
-            videos, mosaics, out, prepared.table, params,
-            *videos.stride(), *mosaics.stride()[:4], *out.stride()[:4],
-            height, width, dim, out_h, out_w, *args,
-            K=config.kernel_size, NORM=norm, **prepared.blocks, **precision,
-        )
+    for grid, args in call.launches:
+        kernel[grid](videos, mosaics, out, call.table, call.params, *args, **call.constants)
     return out
 
 
