@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test test-vllm-next test-distributed bench bench-op bench-decode bench-serve bench-followup bench-batch clean
+.PHONY: setup demo test test-vllm-next test-distributed bench bench-op bench-decode bench-serve bench-followup bench-batch eval-setup eval test-eval clean
 
 setup: $(STAMP)
 
@@ -78,5 +78,27 @@ bench-batch: setup
 
 bench: bench-op bench-decode bench-serve bench-followup bench-batch
 
+# Accuracy with lmms-eval (0.7.3) in a venv of its own, against `vllm serve` from .venv; see README.md.
+# make eval [MODEL=llava-video] [TASKS=videomme,...] [INCLUDE=dir] [SETTINGS=stock,defaults,...] [FRAMES=64] [LIMIT=n]
+EVAL_VENV := .venv-eval
+EVAL_STAMP := $(EVAL_VENV)/.setup-done
+
+$(EVAL_STAMP): eval/requirements.txt eval/lmms_plugin/pyproject.toml
+	test -x $(EVAL_VENV)/bin/python || $(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/pip install -q --disable-pip-version-check -r eval/requirements.txt -e eval/lmms_plugin
+	@# The index's torchvision is a CUDA build that fails to import beside the CPU torch; nothing here needs it.
+	$(EVAL_VENV)/bin/pip uninstall -y -q torchvision torchaudio 2>/dev/null || true
+	$(EVAL_VENV)/bin/python -c "from lmms_eval.models import get_model; get_model('stgridpool_openai')"
+	touch $@
+
+eval-setup: $(EVAL_STAMP)
+
+eval: setup eval-setup
+	$(BIN)/python eval/run_eval.py
+
+# The eval pipeline end to end (several servers and lmms-eval runs): kept out of `make test`.
+test-eval: setup eval-setup
+	STGRIDPOOL_TEST_EVAL=1 $(BIN)/python -m pytest -q tests/test_eval.py
+
 clean:
-	rm -rf $(VENV) $(NEXT_VENV) artifacts .pytest_cache
+	rm -rf $(VENV) $(NEXT_VENV) $(EVAL_VENV) artifacts .pytest_cache
