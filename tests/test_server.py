@@ -194,31 +194,47 @@ def test_completions_accept_the_own_key_too(server, client, mp4_factory, onevisi
     assert reply.status_code == 400 and "trust-request-mm-kwargs" in reply.text
 
 
-EXTREMES = [
-    {"norm_p": 1e-3}, {"norm_p": 1e-2}, {"norm_p": 0.05}, {"norm_p": 100.0}, {"norm_p": 1e3}, {"norm_p": 1e4},
-    {"norm_p": 1e300}, {"norm_p": 5e-324}, {"norm_p": 0}, {"norm_p": -2},
+# Settings at and beyond the limits, each asserted on its own side: the field ranges (norm_p from
+# 0.01 to 1000, |temperature| at most 1e4, kernel_size within the 27 x 27 grid and at least the
+# server's 2), and pyramids against the server's at 64 frames (8 levels at stride 1 resize 512 frames
+# where the paper's resize 44; stride 1024 samples no frame at all).
+MUST_REFUSE = [  # (override, the field the 400 names)
+    ({"norm_p": 1e-3}, "norm_p"), ({"norm_p": 1e4}, "norm_p"), ({"norm_p": 1e300}, "norm_p"),
+    ({"norm_p": 5e-324}, "norm_p"), ({"norm_p": 0}, "norm_p"), ({"norm_p": -2}, "norm_p"),
+    ({"temperature": 1e5}, "temperature"), ({"temperature": 1e308}, "temperature"),
+    ({"kernel_size": 28}, "kernel_size"),
+    ({"grid_sizes": [4] * 8, "grid_strides": [1] * 8}, "grid_sizes"),
+    ({"grid_sizes": [4, 4, 4], "grid_strides": [2, 4, 8], "norm_p": 1e-3, "temperature": -1e4}, "norm_p"),
+]
+MUST_SERVE = [
+    {"norm_p": 1e-2}, {"norm_p": 0.05}, {"norm_p": 100.0}, {"norm_p": 1e3},
     {"temperature": 5e-324}, {"temperature": -5e-324}, {"temperature": 1e4}, {"temperature": -1e4},
-    {"temperature": 1e5}, {"temperature": 1e308}, {"temperature": 0},
-    {"kernel_size": 27}, {"kernel_size": 28}, {"kernel_size": 13, "norm_p": 1e3, "temperature": 1e4},
-    {"grid_sizes": [4] * 8, "grid_strides": [1] * 8}, {"grid_sizes": [64], "grid_strides": [1]},
+    {"temperature": 0},
+    {"kernel_size": 27}, {"kernel_size": 13, "norm_p": 1e3, "temperature": 1e4},
+    {"grid_sizes": [64], "grid_strides": [1]},  # one level: every frame resized once, into one mosaic
     {"grid_sizes": [1] * 8, "grid_strides": [1024] * 8}, {"grid_sizes": [2], "grid_strides": [8]},
-    {"grid_sizes": [4, 4, 4], "grid_strides": [2, 4, 8], "norm_p": 1e-3, "temperature": -1e4},
 ]
 
 
-@pytest.mark.parametrize("override", EXTREMES, ids=lambda o: json.dumps(o))
-def test_extreme_settings_get_a_4xx_or_a_finite_answer(client, mp4_factory, text_tokens, override):
+@pytest.mark.parametrize("override, field", MUST_REFUSE, ids=lambda o: json.dumps(o))
+def test_settings_beyond_the_limits_are_a_400_naming_the_field(client, mp4_factory, text_tokens, override, field):
+    extra = {"mm_processor_kwargs": {"stgridpool": override}}
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(client, mp4_factory(16), extra_body=extra)
+    assert field in str(error.value), error.value
+    assert ask(client, mp4_factory(8)).usage.prompt_tokens == text_tokens + 8 * 169 + 1
+
+
+@pytest.mark.parametrize("override", MUST_SERVE, ids=lambda o: json.dumps(o))
+def test_settings_at_the_limits_are_served_with_finite_logprobs(client, mp4_factory, text_tokens, override):
     import math
 
     extra = {"mm_processor_kwargs": {"stgridpool": override}, "logprobs": True, "top_logprobs": 3}
-    try:
-        response = ask(client, mp4_factory(16), extra_body=extra)
-    except openai.BadRequestError as error:
-        assert any(field in str(error) for field in override), error  # names the field
-    else:
-        logprobs = [entry.logprob for entry in response.choices[0].logprobs.content[0].top_logprobs]
-        assert logprobs and all(math.isfinite(value) for value in logprobs), logprobs
-    assert ask(client, mp4_factory(8)).usage.prompt_tokens == text_tokens + 8 * 169 + 1
+    response = ask(client, mp4_factory(16), extra_body=extra)
+    kernel = override.get("kernel_size", 2)
+    assert response.usage.prompt_tokens == text_tokens + 16 * ((27 - kernel) // kernel + 1) ** 2 + 1
+    logprobs = [entry.logprob for entry in response.choices[0].logprobs.content[0].top_logprobs]
+    assert len(logprobs) == 3 and all(math.isfinite(value) for value in logprobs), logprobs
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """transformers' own LLaVA-OneVision with the plain reference pooling: the offline oracle.
 
 Nothing here imports the plugin: the video's placeholder count comes from
-the spec's formula and the pooling from ``tests/reference_stgridpool.py``.
+the spec's formula and the pooling from ``tests/support/reference_stgridpool.py``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ def load(checkpoint: str):
     return processor, model
 
 
-def first_step_logprobs(checkpoint, text: str, frames, settings: dict, top: int = 5) -> list[float]:
-    """The ``top`` largest next-token logprobs for ``text`` with one video, pooled with ``settings``."""
+def greedy_answer(checkpoint, text: str, frames, settings: dict, max_new_tokens: int = 1) -> dict:
+    """transformers' answer for ``text`` with one video pooled with ``settings`` (the spec's defaults
+    for what is left out): prompt length, greedy tokens and the first step's logprobs over the whole
+    vocabulary (float64)."""
     processor, model = load(str(checkpoint))
     config = {**DEFAULTS, **settings}
     vision = model.config.vision_config
@@ -44,5 +46,48 @@ def first_step_logprobs(checkpoint, text: str, frames, settings: dict, top: int 
     model.model.apply_pooling = pool
     inputs = processor(text=text, videos=[frames], return_tensors="pt")
     with torch.no_grad():
-        logits = model(**inputs).logits[0, -1].double()
-    return sorted(torch.log_softmax(logits, dim=-1).topk(top).values.tolist(), reverse=True)
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+    prompt_len = inputs["input_ids"].shape[1]
+    return {
+        "prompt_len": prompt_len,
+        "tokens": out.sequences[0, prompt_len:].tolist(),
+        "first": torch.log_softmax(out.scores[0][0].double(), dim=-1),
+    }
+
+
+def first_step_logprobs(checkpoint, text: str, frames, settings: dict, top: int = 5) -> list[float]:
+    """The ``top`` largest next-token logprobs for ``text`` with one video, pooled with ``settings``."""
+    first = greedy_answer(checkpoint, text, frames, settings)["first"]
+    return sorted(first.topk(top).values.tolist(), reverse=True)
+
+
+def distance(served: dict, reference: torch.Tensor) -> float:
+    """Largest difference between served first-step logprobs (token id -> logprob) and a reference's."""
+    return max(abs(reference[int(token)].item() - logprob) for token, logprob in served.items())
+
+
+# Stages a broken plugin could run instead of ST-GridPool, each with ST-GridPool's token count:
+# name -> (settings changed, frames shifted by one). A logprob tolerance that claims "equal to
+# transformers" must reject each of them in the same test (assert_rejects_wrong_stages).
+WRONG_STAGES = {
+    "no pyramid (NSP alone)": ({"grid_sizes": (), "grid_strides": ()}, False),
+    "frames shifted by one": ({}, True),
+}
+
+
+def shifted(frames):
+    """The video with every frame one place later (the last first): a PTG that picks the wrong frames."""
+    import numpy as np
+
+    return np.roll(frames, 1, axis=0)
+
+
+def assert_rejects_wrong_stages(served: dict, wrong_first, tol: float, label: str, stages=WRONG_STAGES) -> None:
+    """``served`` first-step logprobs (token id -> logprob) are farther than ``tol`` from each wrong
+    stage's; ``wrong_first(settings, shifted)`` gives that stage's full first-step logprobs."""
+    for name, (settings, frames_shifted) in stages.items():
+        measured = distance(served, wrong_first(settings, frames_shifted))
+        print(f"\n{label}: {measured:.2e} from {name} (tolerance {tol:.0e})")
+        assert measured > tol, f"{label}: tolerance {tol} does not reject {name} ({measured:.2e})"
