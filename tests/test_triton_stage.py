@@ -285,6 +285,36 @@ def test_the_backend_is_logged_once_at_start_up(monkeypatch, caplog):
     assert said == ["ST-GridPool stage backend: triton on cpu (STGRIDPOOL_STAGE_BACKEND=triton)"]
 
 
+@pytest.mark.engine
+def test_a_server_runs_the_chosen_backend_and_logs_it_once(onevision_checkpoint, mp4_factory, tmp_path):
+    """A real ``vllm serve`` with the Triton stage (interpreted on this CPU): the choice reaches the worker,
+    which logs it once at start-up, and a 16-frame video is pooled by it into the formula's token count."""
+    import base64
+    import json
+
+    import openai
+    from transformers import AutoTokenizer
+
+    from vllm_stgridpool_testing.launch import start_server
+
+    video = mp4_factory(16)
+    with start_server(onevision_checkpoint, "--plugins", "stgridpool", "--max-model-len", "16384",
+                      "--kv-cache-memory-bytes", str(1 << 30), "--dtype", "float32", "--enforce-eager",
+                      "--limit-mm-per-prompt", json.dumps({"video": 1}), log_path=tmp_path / "server.log") as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0)
+        url = "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()
+        content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What happens?"}]
+        response = client.chat.completions.create(model=str(onevision_checkpoint), max_tokens=4,
+                                                  messages=[{"role": "user", "content": content}])
+        log = server.log()
+    said = [line for line in log.splitlines() if "ST-GridPool stage backend:" in line]
+    assert len(said) == 1 and said[0].endswith("triton on cpu (STGRIDPOOL_STAGE_BACKEND=triton)"), said
+    tokenizer = AutoTokenizer.from_pretrained(onevision_checkpoint)
+    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    text = len(tokenizer(tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))["input_ids"])
+    assert response.usage.prompt_tokens == text - 1 + 16 * 169 + 1  # the placeholder becomes the video's tokens
+
+
 def test_launches_follow_the_levels():
     """Launch l resizes level l's tiles; a row is pooled in the first launch after its value is complete."""
     from vllm_stgridpool.triton_stage import launches
