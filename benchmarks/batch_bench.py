@@ -1,4 +1,4 @@
-"""Offline batch benchmark: N videos through vLLM's ``LLM``, stock against ST-GridPool k=2 and k=3.
+"""Offline batch benchmark: N videos through vLLM's ``LLM``, stock against ST-GridPool (k=2, k=3, budgets).
 
 The job a captioning or scoring pipeline runs: every video of a folder in one
 ``llm.chat`` call (vLLM decodes each mp4 itself and schedules the batch),
@@ -6,7 +6,9 @@ the same KV-cache size and the same sampled frame count for every variant:
 
 - stock: ``VLLM_PLUGINS=`` (no plugin loads), vLLM's own 2x2 bilinear pooling;
 - stgridpool-k2: ``hf_overrides={"stgridpool": {}}``;
-- stgridpool-k3: ``hf_overrides={"stgridpool": {"kernel_size": 3}}``.
+- stgridpool-k3: ``hf_overrides={"stgridpool": {"kernel_size": 3}}``;
+- stgridpool-b4096 and stgridpool-b2048: k=2 with a video-token budget,
+  ``hf_overrides={"stgridpool": {"max_video_tokens": 4096}}`` (and 2048).
 
 Each variant runs in its own process (vLLM reads ``VLLM_PLUGINS`` once per
 process) and reports videos per second over the ``llm.chat`` call; the
@@ -18,7 +20,9 @@ KV cache's size in tokens (vLLM's own block count); the peaks of vLLM's
 ``num_preemptions`` counter (requests evicted from a full KV cache and
 recomputed).
 
-Writes ``benchmarks/results/batch_bench.json`` and ``batch_bench.png``.
+Writes ``benchmarks/results/batch_bench.json`` (with the git commit, vLLM's
+version, the machine, each variant's command line and engine arguments) and
+``batch_bench.png``.
 Usage: ``python benchmarks/batch_bench.py [--videos 16] [--frames 64] [--quick]``.
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -34,22 +39,17 @@ import time
 from pathlib import Path
 
 import msgspec
-from engine_setup import VIDEO_SIZE, RunFacts, build_checkpoint, run_facts  # benchmarks/ is on sys.path
+from engine_setup import (  # benchmarks/ is on sys.path
+    LABELS, ROOT, STYLES, VARIANTS, VIDEO_SIZE, RunFacts, build_checkpoint, run_facts,
+)
 from gauge_peaks import KV_CACHE_USAGE, RUNNING_REQUESTS, GaugePeaks
 
-ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "batch_bench"
 RESULTS = ROOT / "benchmarks" / "results"
 
 QUESTION = "Describe the video."
 MAX_MODEL_LEN = 16384
 
-VARIANTS = {
-    "stock": (None, ""),
-    "stgridpool-k2": ({"stgridpool": {}}, "stgridpool"),
-    "stgridpool-k3": ({"stgridpool": {"kernel_size": 3}}, "stgridpool"),
-}
-LABELS = {"stock": "stock (2x2 bilinear)", "stgridpool-k2": "ST-GridPool k=2", "stgridpool-k3": "ST-GridPool k=3"}
 RESULT_PREFIX = "BATCH_BENCH_RESULT "
 
 
@@ -71,6 +71,8 @@ class VariantResult(msgspec.Struct):
     peak_running_requests: int
     preemptions: int
     ratio_to_stock: dict[str, float] = {}
+    command: str = ""  # the variant's process, run from the repository root
+    llm_kwargs: dict = {}  # the engine's arguments, as LLM(checkpoint, **llm_kwargs)
 
 
 class Report(RunFacts, kw_only=True):
@@ -113,20 +115,7 @@ def run_variant(job: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
-    llm = LLM(
-        job["checkpoint"],
-        hf_overrides=job["hf_overrides"],
-        dtype="float32",
-        max_model_len=MAX_MODEL_LEN,
-        max_num_batched_tokens=MAX_MODEL_LEN,
-        kv_cache_memory_bytes=job["kv_cache_bytes"],
-        enable_prefix_caching=False,
-        limit_mm_per_prompt={"video": 1},
-        media_io_kwargs={"video": {"num_frames": job["frames"]}},
-        allowed_local_media_path=job["media_folder"],
-        disable_log_stats=False,  # the gauges read below
-        seed=0,
-    )
+    llm = LLM(job["checkpoint"], **job["llm_kwargs"])
     startup = time.perf_counter() - started
     conversations = [
         [{"role": "user", "content": [
@@ -185,19 +174,30 @@ def build_inputs(args) -> tuple[Path, list[Path]]:
 def bench_variant(name: str, checkpoint: Path, videos: list[Path], args) -> VariantResult:
     overrides, plugins = VARIANTS[name]
     print(f"\n== {name}: VLLM_PLUGINS={plugins!r} hf_overrides={overrides}", flush=True)
-    job = dict(
-        checkpoint=str(checkpoint), hf_overrides=overrides, kv_cache_bytes=args.kv_cache_bytes,
-        frames=args.frames, max_tokens=args.max_tokens, media_folder=str(videos[0].parent),
-        videos=[str(v) for v in videos],
+    llm_kwargs = dict(
+        hf_overrides=overrides,
+        dtype="float32",
+        max_model_len=MAX_MODEL_LEN,
+        max_num_batched_tokens=MAX_MODEL_LEN,
+        kv_cache_memory_bytes=args.kv_cache_bytes,
+        enable_prefix_caching=False,
+        limit_mm_per_prompt={"video": 1},
+        media_io_kwargs={"video": {"num_frames": args.frames}},
+        allowed_local_media_path=str(videos[0].parent),
+        disable_log_stats=False,  # the gauges the child reads
+        seed=0,
     )
+    job = dict(checkpoint=str(checkpoint), llm_kwargs=llm_kwargs, max_tokens=args.max_tokens,
+               videos=[str(v) for v in videos])
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # it would override the size
     env["VLLM_PLUGINS"] = plugins
+    command = [sys.executable, __file__, "--run-variant", json.dumps(job)]
     log_path = ARTIFACTS / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         # The child's stderr (vLLM's progress bar and logs) goes to the terminal and the log.
         child = subprocess.Popen(
-            [sys.executable, __file__, "--run-variant", json.dumps(job)],
+            command,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
         )
         relay = threading.Thread(target=_tee, args=(child.stderr, log), daemon=True)
@@ -212,7 +212,19 @@ def bench_variant(name: str, checkpoint: Path, videos: list[Path], args) -> Vari
     print(f"  {result['videos']} videos in {result['wall_s']:.1f} s: {result['videos_per_s']:.3f} videos/s, "
           f"{result['prompt_tokens_per_video']} prompt tokens each, peak KV {100 * result['peak_kv_cache_usage']:.0f}%",
           flush=True)
-    return VariantResult(name=name, vllm_plugins=plugins, hf_overrides=overrides, **result)
+    return VariantResult(name=name, vllm_plugins=plugins, hf_overrides=overrides, **result,
+                         command=command_line(command, plugins), llm_kwargs=_relative(llm_kwargs))
+
+
+def command_line(command: list[str], plugins: str) -> str:
+    """The child's command as a shell line run from the repository root (``python`` for this interpreter)."""
+    words = ["python" if word == sys.executable else _relative(word) for word in command]
+    return f"VLLM_PLUGINS={shlex.quote(plugins)} " + shlex.join(words)
+
+
+def _relative(value):
+    """``value`` with this repository's absolute paths written relative to its root."""
+    return json.loads(json.dumps(value).replace(str(ROOT) + os.sep, ""))
 
 
 def _tee(stream, log) -> None:
@@ -267,7 +279,7 @@ def plot(variants: list[VariantResult], path: Path, frames: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"stock": "tab:gray", "stgridpool-k2": "tab:blue", "stgridpool-k3": "tab:orange"}
+    colors = {name: color for name, (color, _) in STYLES.items()}
     panels = (
         ("videos / s", "videos_per_s", "{:.3f}"),
         ("engine CPU seconds per video", "cpu_s_per_video", "{:.1f}"),
@@ -275,7 +287,7 @@ def plot(variants: list[VariantResult], path: Path, frames: int) -> None:
         ("videos the KV cache holds / peak running", "max_concurrent_videos", "{}"),
         ("peak KV-cache use (%)", "peak_kv_cache_usage", "{:.0%}"),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 5))
     names = [LABELS[v.name] for v in variants]
     for ax, (title, field, fmt) in zip(axes, panels):
         values = [getattr(v, field) for v in variants]
@@ -288,7 +300,9 @@ def plot(variants: list[VariantResult], path: Path, frames: int) -> None:
             ax.plot(names, [v.peak_running_requests for v in variants], "k_", markersize=30, label="peak running")
             ax.legend(fontsize=8)
         ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=8, labelrotation=30)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
         ax.set_ylim(0, 1.15 * max(shown))
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"Offline batch: {variants[0].videos} videos of {frames} frames, same KV cache")
@@ -332,11 +346,12 @@ def main(argv=None) -> None:
         plot(report.variants, args.output.with_suffix(".png"), report.frames)
         return
     started = time.perf_counter()
+    facts = run_facts()  # the code as the run starts
     checkpoint, videos = build_inputs(args)
     variants = [bench_variant(name, checkpoint, videos, args) for name in args.variants]
     add_ratios(variants)
     report = Report(
-        **run_facts(),
+        **facts,
         mode=args.mode,
         kv_cache_memory_bytes=args.kv_cache_bytes,
         frames=args.frames,
