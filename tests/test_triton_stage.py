@@ -208,9 +208,14 @@ COMPILE_FOR_CUDA = textwrap.dedent("""
     from vllm_stgridpool.triton_kernels import stage_level_kernel as kernel
     names = list(inspect.signature(kernel.fn).parameters)
     pointer = {tl.float32: "*fp32", tl.float64: "*fp64", tl.bfloat16: "*bf16", tl.float16: "*fp16"}
-    for arch, dtype, acc, norm, k in [(90, tl.bfloat16, tl.float32, 2, 2), (80, tl.float64, tl.float64, 0, 3)]:
+    # The launcher passes ints equal to 1 (D's stride, tiny grids) and Triton makes them constants: the third
+    # case compiles that way.
+    ones = dict.fromkeys(["x_sd", "dim", "span_h", "span_w", "tile_h", "tile_w", "out_h", "out_w", "o_sw"], 1)
+    for arch, dtype, acc, norm, k, extra in [(90, tl.bfloat16, tl.float32, 2, 2, {}),
+                                             (80, tl.float64, tl.float64, 0, 3, {}),
+                                             (80, tl.float16, tl.float32, 1, 1, ones)]:
         const = dict(K=k, NORM=norm, BLOCK_J=1, BLOCK_W=triton.next_power_of_2(k * k), BLOCK_D=256, ACC=acc,
-                     DTYPE=dtype, BF16=dtype == tl.bfloat16)
+                     DTYPE=dtype, BF16=dtype == tl.bfloat16, **extra)
         signature = {n: "constexpr" if n in const else
                      ({"table_ptr": "*i32", "params_ptr": "*fp64"}.get(n, pointer[dtype]) if n.endswith("_ptr")
                       else "i32") for n in names}
@@ -224,13 +229,14 @@ COMPILE_FOR_CUDA = textwrap.dedent("""
 
 def test_kernel_compiles_for_cuda_with_exact_division():
     """Code generation the interpreter skips: the kernel compiles to cubins for sm_80 and sm_90 (ptxas
-    ships with Triton, no GPU needed), and no division or square root is CUDA's approximate one."""
+    ships with Triton, no GPU needed), with arguments Triton turns into constants too, and no division or
+    square root is CUDA's approximate one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_CUDA], env={**env, "TRITON_DEFAULT_FP_FUSION": "1"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line.split() for line in done.stdout.splitlines()]
-    assert len(lines) == 2
+    assert len(lines) == 3
     for _, _, cubin_bytes, approx_div, full_div, approx_sqrt, exact_div in lines:
         assert int(cubin_bytes) > 0 and int(exact_div) > 0
         assert (approx_div, full_div, approx_sqrt) == ("0", "0", "0")
