@@ -17,9 +17,10 @@ in C++, one call per video), elsewhere PyTorch ops
 (and on CPU where the kernels cannot be built); the tests run both. On
 CUDA the Triton kernels of :mod:`vllm_stgridpool.triton_stage` run the
 whole stage in L + 1 launches; :mod:`vllm_stgridpool.backend` chooses. Under
-``torch.compile`` the CPU stage is one opaque op; elsewhere the pooling of
-every frame is left to the compiler (it fuses it into two passes) and the
-pyramid with its mosaics' pooling runs as one opaque op, the eager code.
+``torch.compile`` the CPU stage and the Triton stage are each one opaque op;
+elsewhere the pooling of every frame is left to the compiler (it fuses it
+into two passes) and the pyramid with its mosaics' pooling runs as one
+opaque op, the eager code.
 
 Numerics, for every value the config accepts: sums run in at least float32
 (area sums and the weighted sum are rounded to the features' dtype once); a
