@@ -291,12 +291,15 @@ def plot(results: list[Result], tasks: list[str], path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for task in tasks:
-        points = [(r.video_tokens, r.metrics[task], r.setting) for r in results if task in r.metrics]
+        points: dict[tuple, list[str]] = {}  # settings at the same point share one label
+        for r in results:
+            if task in r.metrics:
+                points.setdefault((r.video_tokens, r.metrics[task]), []).append(r.setting)
         if not points:
             continue
-        axes.scatter([p[0] for p in points], [p[1] for p in points], label=task)
-        for x, y, name in points:
-            axes.annotate(name, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        axes.scatter([x for x, _ in points], [y for _, y in points], label=task)
+        for (x, y), names in points.items():
+            axes.annotate("\n".join(names), (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     axes.set_xlabel("video tokens per request")
     axes.set_ylabel("accuracy (lmms-eval's metric)")
     axes.grid(alpha=0.3)
