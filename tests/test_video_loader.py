@@ -478,3 +478,18 @@ def worker_is_decoding(pid: int) -> bool:
         return "stgridpool-frames" in Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return False
+
+
+def test_a_worker_that_died_idle_costs_no_request(videos):
+    import os
+    import signal
+    import time
+
+    PyAVVideoLoader.load_bytes(videos["40f_160x120_30fps"], num_frames=8)
+    idle = pool().worker_pids()
+    for pid in idle:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    frames, _ = PyAVVideoLoader.load_bytes(videos["40f_160x120_30fps"], num_frames=8)
+    assert frames.shape[0] == 8
+    assert not set(idle) & set(pool().worker_pids())

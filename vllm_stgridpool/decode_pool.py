@@ -97,6 +97,8 @@ class WorkerFailure(Exception):
 
 
 _CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
+# Both sides map the frames' pages in one call instead of taking a page fault per 4 KB.
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
 # --- the server's side ---------------------------------------------------------------
@@ -203,7 +205,7 @@ class PooledDecoder:
                 self._open = False  # the worker closes the video after any Decode
                 self._worker.send(Decode(indices=indices, nbytes=nbytes), handle)
                 self._result(self._worker.receive(self._timeout))
-                shared = mmap.mmap(handle, nbytes)
+                shared = mmap.mmap(handle, nbytes, flags=_MAP_FLAGS)
             finally:
                 os.close(handle)
         return np.frombuffer(shared, np.uint8).reshape(len(indices), header.height, header.width, 3)
@@ -304,8 +306,12 @@ class DecodePool:
                         f"all {self.size} video decoder processes stayed busy for {wait_seconds:g} s; try again later"
                     )
                 self._changed.wait(remaining)
-            if self._idle:
-                return self._idle.pop()
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.process.poll() is None:
+                    return worker
+                self._all.discard(worker)  # died while idle (the OOM killer, an operator): no request lost
+                worker.stop()
             worker = _Worker()
             self._all.add(worker)
             return worker
@@ -385,7 +391,7 @@ def serve(fd: int) -> None:
 
 def _decode_into_shared(video, request: Decode, handle: int, decode_frames) -> None:
     """Decode into the server's shared memory; the mapping goes when its last view does (an error's traceback too)."""
-    shared = mmap.mmap(handle, request.nbytes)
+    shared = mmap.mmap(handle, request.nbytes, flags=_MAP_FLAGS)
     header = video.header
     out = np.frombuffer(shared, np.uint8).reshape(len(request.indices), header.height, header.width, 3)
     decode_frames(video, request.indices, out)
@@ -394,4 +400,5 @@ def _decode_into_shared(video, request: Decode, handle: int, decode_frames) -> N
 if __name__ == "__main__":
     import av  # noqa: F401  (loaded before the first request, not during it)
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server's whole group; the server ends us
     serve(int(sys.argv[1]))

@@ -147,18 +147,23 @@ def register_video_loader() -> type[PyAVVideoLoader]:
 DecordVideoLoader = PyAVVideoLoader
 register_decord_loader = register_video_loader
 
-_pool: DecodePool | None = None
-_pool_lock = threading.Lock()
+_pools: dict[int, DecodePool] = {}
+_pools_lock = threading.Lock()
 
 
 def shared_decode_pool(limits: VideoLimits) -> DecodePool:
-    """This process's decode pool, started on first use (``STGRIDPOOL_VIDEO_DECODE_WORKERS`` workers)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = DecodePool(envs.STGRIDPOOL_VIDEO_DECODE_WORKERS, DecodeBudget(limits.decode_budget_bytes))
-        _pool.budget.capacity = limits.decode_budget_bytes
-        return _pool
+    """This process's decode pool of ``STGRIDPOOL_VIDEO_DECODE_WORKERS`` workers, started on first use.
+
+    (A server reads the variable once; a benchmark that changes it gets a
+    second pool, to compare decoding in workers with decoding in-process.)
+    """
+    size = envs.STGRIDPOOL_VIDEO_DECODE_WORKERS
+    with _pools_lock:
+        if size not in _pools:
+            _pools[size] = DecodePool(size, DecodeBudget(limits.decode_budget_bytes))
+        pool = _pools[size]
+        pool.budget.capacity = limits.decode_budget_bytes
+        return pool
 
 
 def decoder_description() -> str:
