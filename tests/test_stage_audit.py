@@ -115,3 +115,31 @@ def test_pytorch_ops_path_count_for_the_record(dim, dtype, monkeypatch):
           f"{ops.launches()} launch kernels ({top})")
     assert not SYNCING & set(ops.ops)
     assert ops.launches() > 100 * (len(make_plan(64, 27, 27, STGridPoolConfig()).levels) + 1)
+
+
+class AllocatedBytes(TorchDispatchMode):
+    """Bytes of every tensor the block allocates (the Triton path's only allocations are its buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ALLOCATIONS:
+            self.bytes += out.numel() * out.element_size()
+        return out
+
+
+@pytest.mark.parametrize("values", [{}, {"grid_sizes": [4, 4, 4, 4], "grid_strides": [1, 1, 1, 1]}])
+def test_the_cost_model_counts_what_the_triton_path_holds(values, launch_counter):
+    """stage_cost's CUDA figure (every mosaic at once, what request_rules compares on CUDA) is what the
+    Triton path allocates, to the byte; a dense pyramid holds many times the PyTorch-ops path's buffers."""
+    from vllm_stgridpool.stage_cost import stage_cost
+
+    config = STGridPoolConfig.from_dict(values)
+    x = torch.randn(32, 27, 27, 8)
+    st_gridpool(x, config)
+    with AllocatedBytes() as allocated:
+        st_gridpool(x, config)
+    assert allocated.bytes == stage_cost(32, 27, 27, 8, config, 4).peak_bytes_every_mosaic

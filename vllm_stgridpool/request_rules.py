@@ -120,6 +120,11 @@ def check_request_cost(server: STGridPoolConfig, request: STGridPoolConfig, shap
     needed = stage_cost(*args, request, shape.itemsize)
     for what, need, limit in (
         ("bytes of stage memory", needed.peak_bytes, max(cost.peak_bytes for cost in allowed)),
+        (
+            "bytes of stage memory on CUDA",
+            needed.peak_bytes_every_mosaic,
+            max(cost.peak_bytes_every_mosaic for cost in allowed),
+        ),
         ("units of stage work", needed.work, max(cost.work for cost in allowed)),
     ):
         if need > limit:

@@ -22,6 +22,8 @@ class StageCost(NamedTuple):
 
     ``peak_bytes`` counts the pooled output, the mosaic buffers and the
     largest temporaries of any one step (what ``ops.py`` allocates);
+    ``peak_bytes_every_mosaic`` the output and every mosaic at once, what the
+    Triton stage (``triton_stage.py``) allocates, with no temporaries;
     ``work`` counts the elements the stage moves through memory: whole
     frames read by each pass (norm, weighted sum, resize) and every element
     written (output, tiles, mosaics); the weighted sum's accumulation into
@@ -30,6 +32,7 @@ class StageCost(NamedTuple):
 
     peak_bytes: int
     work: int
+    peak_bytes_every_mosaic: int
 
 
 @functools.lru_cache(maxsize=1024)
@@ -93,5 +96,9 @@ def _plan_cost(plan: Plan, dim: int, itemsize: int, norm_p: float) -> StageCost:
         peak, work = max(peak, temp), work + moved
     output = plan.num_frames * pooled_out * itemsize
     slack = frame * itemsize  # small temporaries (scores, weights, views' bookkeeping) not counted above
-    return StageCost(peak_bytes=output + plan.num_slots * frame * itemsize + peak + slack, work=work)
+    return StageCost(
+        peak_bytes=output + plan.num_slots * frame * itemsize + peak + slack,
+        work=work,
+        peak_bytes_every_mosaic=output + len(plan.slots) * frame * itemsize,
+    )
 
