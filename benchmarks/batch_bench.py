@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
 import shlex
 import subprocess
@@ -40,7 +41,8 @@ from pathlib import Path
 
 import msgspec
 from engine_setup import (  # benchmarks/ is on sys.path
-    LABELS, ROOT, STYLES, VARIANTS, VIDEO_SIZE, RunFacts, build_checkpoint, run_facts,
+    LABELS, ROOT, STYLES, VARIANTS, VIDEO_SIZE, RunFacts, add_report_options, build_checkpoint, chosen_variants, print_ratio_table, publish,
+    replot, report_fields, run_facts,
 )
 from gauge_peaks import KV_CACHE_USAGE, RUNNING_REQUESTS, GaugePeaks
 
@@ -261,16 +263,7 @@ ROWS = (
 
 
 def print_table(variants: list[VariantResult]) -> None:
-    stock = next((v for v in variants if v.name == "stock"), variants[0])
-    header = f"{'':28}" + "".join(f"{v.name:>22}" for v in variants)
-    print("\n" + header + "\n" + "-" * len(header))
-    for label, field, fmt in ROWS:
-        line = f"{label:28}"
-        for v in variants:
-            value, base = getattr(v, field), getattr(stock, field)
-            ratio = f"({value / base:4.2f}x)" if v is not stock and base else ""
-            line += f"{format(value, fmt):>13} {ratio:>8}"
-        print(line)
+    print_ratio_table(variants, [(label, operator.attrgetter(field), fmt) for label, field, fmt in ROWS], 28)
 
 
 def plot(variants: list[VariantResult], path: Path, frames: int) -> None:
@@ -317,21 +310,14 @@ def parse_args(argv=None):
     parser.add_argument("--frames", type=int, default=None, help="frames per video (default 64; quick 16)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 videos of 16 frames")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    parser.add_argument("--kv-cache-bytes", type=int, default=512 << 20, help="KV cache for every variant (512 MiB)")
-    parser.add_argument("--max-tokens", type=int, default=16, help="generated tokens per video (ignore_eos)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="result JSON, the PNG next to it (default results/batch_bench.json; quick: "
-                             "results/batch_bench_quick.json)")
-    parser.add_argument("--replot", action="store_true", help="redraw table and PNG from an existing JSON")
+    add_report_options(parser, "batch_bench", "video")
     parser.add_argument("--run-variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "full"
     args.videos = args.videos or (4 if args.quick else 16)
     args.frames = args.frames or (16 if args.quick else 64)
     args.output = args.output or RESULTS / ("batch_bench_quick.json" if args.quick else "batch_bench.json")
-    args.variants = args.variants.split(",")
-    if set(args.variants) - set(VARIANTS):
-        parser.error(f"unknown variants {sorted(set(args.variants) - set(VARIANTS))}")
+    args.variants = chosen_variants(parser, args.variants)
     return args
 
 
@@ -341,29 +327,14 @@ def main(argv=None) -> None:
         print(RESULT_PREFIX + json.dumps(run_variant(json.loads(args.run_variant))), flush=True)
         return
     if args.replot:
-        report = msgspec.json.decode(args.output.read_bytes(), type=Report)
-        print_table(report.variants)
-        plot(report.variants, args.output.with_suffix(".png"), report.frames)
-        return
+        return replot(args.output, Report, print_table, plot)
     started = time.perf_counter()
     facts = run_facts()  # the code as the run starts
     checkpoint, videos = build_inputs(args)
     variants = [bench_variant(name, checkpoint, videos, args) for name in args.variants]
     add_ratios(variants)
-    report = Report(
-        **facts,
-        mode=args.mode,
-        kv_cache_memory_bytes=args.kv_cache_bytes,
-        frames=args.frames,
-        max_tokens=args.max_tokens,
-        variants=variants,
-        total_s=time.perf_counter() - started,
-    )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
-    print_table(variants)
-    plot(variants, args.output.with_suffix(".png"), args.frames)
-    print(f"wrote {args.output} and {args.output.with_suffix('.png')} ({report.total_s / 60:.1f} min in all)")
+    report = Report(**report_fields(facts, args, variants, started), frames=args.frames)
+    publish(report, args.output, print_table, plot)
 
 
 if __name__ == "__main__":

@@ -124,3 +124,71 @@ def build_checkpoint(artifacts: Path) -> Path:
     checkpoint = build_llava_onevision(artifacts / "llava-onevision-bench", **CHECKPOINT_ARGS)
     print(f"checkpoint: {checkpoint} ({time.perf_counter() - started:.1f} s)", flush=True)
     return checkpoint
+
+
+def report_fields(facts: dict, args, variants: list, started: float) -> dict:
+    """What every engine benchmark report holds besides its own settings: the run's facts, the common
+    settings, the variants' results and the run's duration."""
+    return dict(
+        **facts,
+        mode=args.mode,
+        kv_cache_memory_bytes=args.kv_cache_bytes,
+        max_tokens=args.max_tokens,
+        variants=variants,
+        total_s=time.perf_counter() - started,
+    )
+
+
+def write_report(report: msgspec.Struct, output: Path) -> None:
+    """The report as indented JSON at ``output`` (its folder made if needed)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+
+
+def publish(report: msgspec.Struct, output: Path, print_table, plot) -> None:
+    """Write the report, print its table, draw its plot next to the JSON, and say how long the run took."""
+    write_report(report, output)
+    _show(report, output, print_table, plot)
+    print(f"wrote {output} and its plot ({report.total_s / 60:.1f} min in all)")
+
+
+def _show(report, output: Path, print_table, plot) -> None:
+    print_table(report.variants)
+    plot(report.variants, output.with_suffix(".png"), report.frames)
+
+
+def chosen_variants(parser, names: str) -> list[str]:
+    """The comma-separated ``--variants``, each one of :data:`VARIANTS` (else the parser's error)."""
+    chosen = names.split(",")
+    if set(chosen) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(set(chosen) - set(VARIANTS))}")
+    return chosen
+
+
+def replot(output: Path, report_type: type, print_table, plot) -> None:
+    """``--replot``: the table and plot of the report already at ``output`` (no engine started)."""
+    _show(msgspec.json.decode(output.read_bytes(), type=report_type), output, print_table, plot)
+
+
+def print_ratio_table(variants: list, rows, label_width: int = 30) -> None:
+    """One line per ``(label, get, format)`` row, one column per variant, each with its ratio to stock."""
+    stock = next((v for v in variants if v.name == "stock"), variants[0])
+    header = " " * label_width + "".join(f"{v.name:>22}" for v in variants)
+    print("\n" + header + "\n" + "-" * len(header))
+    for label, get, fmt in rows:
+        line = f"{label:{label_width}}"
+        for v in variants:
+            value, base = get(v), get(stock)
+            ratio = f"({value / base:4.2f}x)" if v is not stock and base else ""
+            line += f"{format(value, fmt):>13} {ratio:>8}"
+        print(line)
+
+
+def add_report_options(parser, stem: str, generated: str) -> None:
+    """The options every engine benchmark takes: KV cache, generated tokens, where its report goes, replot."""
+    parser.add_argument("--kv-cache-bytes", type=int, default=512 << 20, help="KV cache for every variant (512 MiB)")
+    parser.add_argument("--max-tokens", type=int, default=16, help=f"generated tokens per {generated} (ignore_eos)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"result JSON, the PNG next to it (default results/{stem}.json; quick: "
+                             f"results/{stem}_quick.json)")
+    parser.add_argument("--replot", action="store_true", help="redraw table and PNG from an existing JSON")

@@ -29,7 +29,10 @@ import time
 from pathlib import Path
 
 import msgspec
-from engine_setup import LABELS, STYLES, VARIANTS, VIDEO_SIZE, RunFacts, build_checkpoint, run_facts
+from engine_setup import (  # benchmarks/ is on sys.path
+    LABELS, STYLES, VARIANTS, VIDEO_SIZE, RunFacts, add_report_options, build_checkpoint, chosen_variants, print_ratio_table, publish,
+    replot, report_fields, run_facts,
+)
 from serve_bench import (
     ARTIFACTS as SERVE_ARTIFACTS,
     make_client,
@@ -208,16 +211,7 @@ ROWS = (
 
 
 def print_table(variants: list[VariantResult]) -> None:
-    stock = next((v for v in variants if v.name == "stock"), variants[0])
-    header = f"{'':30}" + "".join(f"{v.name:>22}" for v in variants)
-    print("\n" + header + "\n" + "-" * len(header))
-    for label, get, fmt in ROWS:
-        line = f"{label:30}"
-        for v in variants:
-            value, base = get(v), get(stock)
-            ratio = f"({value / base:4.2f}x)" if v is not stock and base else ""
-            line += f"{format(value, fmt):>13} {ratio:>8}"
-        print(line)
+    print_ratio_table(variants, ROWS)
 
 
 def plot(variants: list[VariantResult], path: Path, frames: int) -> None:
@@ -272,21 +266,14 @@ def parse_args(argv=None):
     parser.add_argument("--videos", type=int, default=None, help="distinct videos per variant (default 3; quick 1)")
     parser.add_argument("--questions", type=int, default=None, help="questions per video (default 4; quick 3)")
     parser.add_argument("--frames", type=int, default=None, help="frames per video (default 64; quick 16)")
-    parser.add_argument("--kv-cache-bytes", type=int, default=512 << 20, help="KV cache for every server (512 MiB)")
-    parser.add_argument("--max-tokens", type=int, default=16, help="generated tokens per question (ignore_eos)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="result JSON, the PNG next to it (default results/followup_bench.json; quick: "
-                             "results/followup_bench_quick.json)")
-    parser.add_argument("--replot", action="store_true", help="redraw table and PNG from an existing JSON")
+    add_report_options(parser, "followup_bench", "question")
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "full"
     args.videos = args.videos or (1 if args.quick else 3)
     args.questions = args.questions or (3 if args.quick else 4)
     args.frames = args.frames or (16 if args.quick else 64)
     args.output = args.output or RESULTS / ("followup_bench_quick.json" if args.quick else "followup_bench.json")
-    args.variants = args.variants.split(",")
-    if set(args.variants) - set(VARIANTS):
-        parser.error(f"unknown variants {sorted(set(args.variants) - set(VARIANTS))}")
+    args.variants = chosen_variants(parser, args.variants)
     if args.questions < 2:
         parser.error("--questions must be at least 2 (a first question and a follow-up)")
     return args
@@ -295,10 +282,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.replot:
-        report = msgspec.json.decode(args.output.read_bytes(), type=Report)
-        print_table(report.variants)
-        plot(report.variants, args.output.with_suffix(".png"), report.frames)
-        return
+        return replot(args.output, Report, print_table, plot)
     started = time.perf_counter()
     facts = run_facts()  # the code as the run starts
     checkpoint = build_checkpoint(SERVE_ARTIFACTS)  # the serving benchmark's, built once
@@ -307,21 +291,12 @@ def main(argv=None) -> None:
     variants = [bench_variant(name, checkpoint, videos, warmup, args) for name in args.variants]
     add_ratios(variants)
     report = Report(
-        **facts,
-        mode=args.mode,
-        kv_cache_memory_bytes=args.kv_cache_bytes,
+        **report_fields(facts, args, variants, started),
         frames=args.frames,
         videos=args.videos,
         questions_per_video=args.questions,
-        max_tokens=args.max_tokens,
-        variants=variants,
-        total_s=time.perf_counter() - started,
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
-    print_table(variants)
-    plot(variants, args.output.with_suffix(".png"), args.frames)
-    print(f"wrote {args.output} and {args.output.with_suffix('.png')} ({report.total_s / 60:.1f} min in all)")
+    publish(report, args.output, print_table, plot)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ import httpx
 import msgspec
 
 from engine_setup import (  # benchmarks/ is on sys.path
-    LABELS, ROOT, STYLES, VARIANTS, VIDEO_SIZE, RunFacts, build_checkpoint, run_facts,
+    LABELS, ROOT, STYLES, VARIANTS, VIDEO_SIZE, RunFacts, build_checkpoint, chosen_variants, report_fields,
+    run_facts, write_report,
 )
 from gauge_peaks import KV_CACHE_USAGE, RUNNING_REQUESTS, GaugePeaks
 from vllm_stgridpool_testing.launch import Server, start_server, vllm_command
@@ -533,10 +534,7 @@ def parse_args(argv=None):
         args.load_frames = 16 if args.quick else 64
     if args.output is None:
         args.output = RESULTS / ("serve_bench_quick.json" if args.quick else "serve_bench.json")
-    args.variants = args.variants.split(",")
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}")
+    args.variants = chosen_variants(parser, args.variants)
     return args
 
 
@@ -569,19 +567,13 @@ def main(argv=None) -> None:
     urls = {frames: video_url(frames) for frames in FRAME_COUNTS}
     variants = [bench_variant(name, checkpoint, urls, args) for name in args.variants]
     add_ratios(variants)
-    total = time.perf_counter() - started
     report = Report(
-        **facts,
-        mode=args.mode,
-        kv_cache_memory_bytes=args.kv_cache_bytes,
-        max_tokens=args.max_tokens,
+        **report_fields(facts, args, variants, started),
         load_frames=args.load_frames,
-        variants=variants,
-        total_s=total,
         requests_per_level={c: requests_at(c, args.requests) for c in args.concurrency},
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    total = report.total_s
+    write_report(report, args.output)
     print_tables(variants)
     for path in plot(variants, args.output.with_suffix(""), args.load_frames):
         print(f"wrote {path}")
