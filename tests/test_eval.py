@@ -10,7 +10,7 @@ template) plus the video's tokens by the formula, the refused setting
 counted as failed documents with a non-zero exit, the report written.
 
 Runs with ``make test-eval`` (``STGRIDPOOL_TEST_EVAL=1``), which sets up
-``.venv-eval`` first; about 5 minutes on 2 cores.
+``.venv-eval`` first; 6.5 to 9 minutes on 2 cores shared with other jobs.
 """
 
 from __future__ import annotations
