@@ -8,6 +8,7 @@ here from the grid, not from the plugin.
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 from transformers import AutoTokenizer
@@ -18,9 +19,19 @@ from tests.support.engines import run_engine, two_at_a_time
 pytestmark = pytest.mark.engine
 
 FRAME_COUNTS = (1, 7, 16, 33)
+# vLLM against transformers (both float32 on the CPU; measured 2.2e-7 and 2.3e-7), a batch against
+# one request at a time and tensor parallelism against one worker (4.8e-7 each). Each test that uses
+# one shows it rejects wrong stages with ST-GridPool's token count (measured distances are printed):
+# no pyramid (7e-3 to 1e-2), frames shifted by one (7e-3 to 2.4e-2), and plain averaging in place of
+# NSP's weights (9.3e-5 to 1.2e-4: on the tiny random model those weights are nearly uniform at
+# temperature 1, which is why the tolerances are this tight).
+PARITY = 1e-5
+BATCHING = 1e-5
+TENSOR_PARALLEL = 1e-5
+PLAIN_AVERAGING = {"plain averaging (temperature 0)": ({"temperature": 0.0}, False)}
 
 
-def same_answer(a: dict, b: dict, tol: float = 1e-4) -> bool:
+def same_answer(a: dict, b: dict, tol: float = BATCHING) -> bool:
     """Equal prompt length and greedy tokens, first-step logprobs equal up to batching's rounding."""
     if (a["prompt_len"], a["tokens"]) != (b["prompt_len"], b["tokens"]):
         return False
@@ -93,6 +104,45 @@ def engine_runs(onevision_checkpoint, next_video_checkpoint) -> dict:
 
 
 @pytest.fixture(scope="module")
+def transformers_answer(onevision_checkpoint):
+    """``answer(frames, seed, settings, shifted=False, new_tokens=1)``: transformers' LLaVA-OneVision on
+    the engine runner's video, pooled by the plain reference (tests/support/hf_reference.py)."""
+    from tests.support import hf_reference
+    from tests.support.engine_runner import video
+
+    answers = {}
+
+    def answer(frames: int, seed: int, settings: dict, shifted: bool = False, new_tokens: int = 1) -> dict:
+        key = (frames, seed, json.dumps(settings, sort_keys=True), shifted, new_tokens)
+        if key not in answers:
+            clip = video(frames, seed)
+            if shifted:
+                clip = hf_reference.shifted(clip)
+            answers[key] = hf_reference.greedy_answer(onevision_checkpoint, PROMPT, clip, settings, max_new_tokens=new_tokens)
+        return answers[key]
+
+    return answer
+
+
+def assert_rejects_wrong_stages(served: dict, answer, frames: int, seed: int, settings: dict, tol: float) -> None:
+    """``served`` is farther than ``tol`` from transformers' answer with each wrong stage."""
+    from tests.support import hf_reference
+
+    def wrong_first(change: dict, frames_shifted: bool):
+        return answer(frames, seed, {**settings, **change}, shifted=frames_shifted)["first"]
+
+    label = f"{frames} frames, {settings or 'defaults'}"
+    stages = {**hf_reference.WRONG_STAGES, **PLAIN_AVERAGING}
+    hf_reference.assert_rejects_wrong_stages(served["first_logprobs"], wrong_first, tol, label, stages)
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    """Largest difference between two served answers' first-step logprobs (same tokens)."""
+    assert a["first_logprobs"].keys() == b["first_logprobs"].keys()
+    return max(abs(a["first_logprobs"][t] - b["first_logprobs"][t]) for t in a["first_logprobs"])
+
+
+@pytest.fixture(scope="module")
 def onevision_active(engine_runs):
     return engine_runs["active"].result()
 
@@ -115,10 +165,12 @@ def test_the_paper_setting_saves_tokens_against_stock(onevision_active, stock_on
     assert saved == 16 * (per_frame(28, 2) - per_frame(27, 2))  # stock pools 27 -> ceil(27/2) = 14
 
 
-def test_mixed_frame_counts_in_one_batch_equal_one_at_a_time(onevision_active):
+def test_mixed_frame_counts_in_one_batch_equal_one_at_a_time(onevision_active, transformers_answer):
     batch = onevision_active[4]
     singles = [onevision_active[7][0], onevision_active[5][0], onevision_active[6][0]]
-    assert all(same_answer(a, b) for a, b in zip(batch, singles, strict=True))
+    assert all(same_answer(a, b, tol=BATCHING) for a, b in zip(batch, singles, strict=True))
+    print(f"\nbatched against one at a time: {max(map(largest_difference, batch, singles)):.2e}")
+    assert_rejects_wrong_stages(batch[0], transformers_answer, 16, 1, {}, BATCHING)
 
 
 def test_request_override_changes_the_count(onevision_active, onevision_checkpoint):
@@ -140,13 +192,22 @@ def test_more_frames_than_max_frames_is_rejected(onevision_active):
     assert "max_frames" in error and "65" in error
 
 
-def test_two_settings_in_one_batch(onevision_active, onevision_checkpoint):
+def test_two_settings_in_one_batch(onevision_active, onevision_checkpoint, transformers_answer):
+    """Each request's kernel reached the model: the coarse one's answer is transformers' with the
+    reference pooled at kernel 3, and no wrong stage at kernel 3 passes for it."""
+    from tests.support.hf_reference import distance
+
     text = text_tokens(onevision_checkpoint, PROMPT)
     default, coarse = onevision_active[11]
     assert default["prompt_len"] == text + 16 * 169 + 1
     assert coarse["prompt_len"] == text + 16 * 81 + 1
-    assert same_answer(default, onevision_active[2][0])
-    assert not same_answer(default, coarse)  # the kernel reached the model: other features, other logprobs
+    assert same_answer(default, onevision_active[2][0], tol=BATCHING)
+    reference = transformers_answer(16, 0, {"kernel_size": 3}, new_tokens=8)
+    assert (coarse["prompt_len"], coarse["tokens"]) == (reference["prompt_len"], reference["tokens"])
+    measured = distance(coarse["first_logprobs"], reference["first"])
+    print(f"\nkernel 3 in a mixed batch: {measured:.2e} from transformers")
+    assert measured <= PARITY
+    assert_rejects_wrong_stages(coarse, transformers_answer, 16, 0, {"kernel_size": 3}, PARITY)
 
 
 def test_not_active_is_stock(engine_runs, onevision_checkpoint, stock_onevision):
@@ -169,43 +230,22 @@ def test_next_video_prompt_tokens_follow_the_formula(engine_runs, next_video_che
     assert results[-1][0]["prompt_len"] == text + 16 * per_frame(24, 3)
 
 
-def test_tensor_parallel_2_gives_the_same_tokens(engine_runs, onevision_active):
+def test_tensor_parallel_2_gives_the_same_tokens(engine_runs, onevision_active, transformers_answer):
     results = engine_runs["tensor_parallel_2"].result()
-    assert same_answer(results[0][0], onevision_active[2][0], tol=1e-3)
+    assert same_answer(results[0][0], onevision_active[2][0], tol=TENSOR_PARALLEL)
+    print(f"\ntensor parallel 2 against 1: {largest_difference(results[0][0], onevision_active[2][0]):.2e}")
+    assert_rejects_wrong_stages(results[0][0], transformers_answer, 16, 0, {}, TENSOR_PARALLEL)
 
 
-def test_parity_with_transformers(onevision_active, onevision_checkpoint):
-    """transformers' own LLaVA-OneVision, its video pooling and its processor's count swapped for ST-GridPool."""
-    import torch
-    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+def test_parity_with_transformers(onevision_active, transformers_answer):
+    """transformers' own LLaVA-OneVision, its video pooling swapped for the plain reference ST-GridPool
+    and its processor's count set by the spec's formula; and no wrong stage within the tolerance."""
+    from tests.support.hf_reference import distance
 
-    from tests.support.engine_runner import video
-    from vllm_stgridpool import STGridPoolConfig, st_gridpool
-
-    config = STGridPoolConfig()
-    frames = video(16, seed=0)
-    processor = AutoProcessor.from_pretrained(onevision_checkpoint)
-    processor.replace_video_token = lambda inputs, video_idx, **_: processor.video_token * (
-        config.num_tokens(len(inputs["pixel_values_videos"][video_idx]), 27, 27) + 1
-    )
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        onevision_checkpoint, dtype=torch.float32
-    ).eval()
-
-    def gridpool(features: torch.Tensor) -> torch.Tensor:  # (frames, 729, D) of one video
-        pooled = st_gridpool(features.view(1, features.shape[0], 27, 27, -1), config)
-        return pooled.reshape(features.shape[0], -1, features.shape[-1])
-
-    model.model.apply_pooling = gridpool
-    inputs = processor(text=PROMPT, videos=[frames], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True
-        )
-    prompt_len = inputs["input_ids"].shape[1]
     served = onevision_active[2][0]
-    assert prompt_len == served["prompt_len"]
-    assert out.sequences[0, prompt_len:].tolist() == served["tokens"]
-    first = torch.log_softmax(out.scores[0][0].double(), dim=-1)
-    for token, logprob in served["first_logprobs"].items():
-        assert abs(first[int(token)].item() - logprob) < 1e-3, token
+    reference = transformers_answer(16, 0, {}, new_tokens=8)
+    assert (served["prompt_len"], served["tokens"]) == (reference["prompt_len"], reference["tokens"])
+    measured = distance(served["first_logprobs"], reference["first"])
+    print(f"\n16 frames defaults: {measured:.2e} from transformers")
+    assert measured <= PARITY
+    assert_rejects_wrong_stages(served, transformers_answer, 16, 0, {}, PARITY)

@@ -10,8 +10,10 @@ API, and the answer is checked twice, independently of the plugin:
   own chat template and tokenizer;
 - its greedy tokens and first-step logprobs against transformers' own model
   with its pooling swapped for the plain reference implementation
-  (tests/reference_stgridpool.py) and, for LLaVA-Video, its newline placed
-  by a plain rewrite of LLaVA-NeXT's ``add_token_per_grid``.
+  (tests/support/reference_stgridpool.py) and, for LLaVA-Video, its newline placed
+  by a plain rewrite of LLaVA-NeXT's ``add_token_per_grid``; and the same
+  comparison shown to reject wrong stages with the same token count (no
+  pyramid, frames shifted by one, plain averaging).
 
 LLaVA-Video is served exactly as the README tells users to: ``vllm serve
 llava-video --plugins stgridpool``, no redirect file, offline, with the
@@ -30,6 +32,7 @@ import pytest
 import torch
 
 from tests.support.engines import run_engine, servers_started
+from tests.support.hf_reference import WRONG_STAGES, assert_rejects_wrong_stages, distance, shifted
 from tests.support.reference_layout import add_token_per_grid
 from tests.support.reference_stgridpool import st_gridpool_reference
 from vllm_stgridpool_testing.launch import start_server
@@ -39,13 +42,18 @@ pytestmark = pytest.mark.engine
 FRAMES = 64
 QUESTION = "What happens in this video?"
 NEW_TOKENS = 4
-LOGPROB_TOLERANCE = 2e-3
+# vLLM against transformers, both float32 on the CPU: measured 3.5e-7 to 9.7e-7 on the replicas. Each
+# test that uses it shows it rejects the wrong stages of REPLICA_WRONG_STAGES (distances printed;
+# measured: no pyramid 1.1e-2 to 4.8e-2, frames shifted 5.9e-3 to 9.5e-2, plain averaging 2.1e-5 on
+# LLaVA-Video, 3.7e-5 on LLaVA-OneVision, 2.8e-3 on LLaVA-NeXT-Video).
+LOGPROB_TOLERANCE = 1e-5
 SERVER_ARGS = (
     "--plugins", "stgridpool",
     "--dtype", "float32",  # so vLLM and transformers agree token for token
     "--enforce-eager",
     "--kv-cache-memory-bytes", str(256 << 20),  # many times what one 64-frame prompt of these replicas needs
 )
+REPLICA_WRONG_STAGES = {**WRONG_STAGES, "plain averaging (temperature 0)": ({"temperature": 0.0}, False)}
 NO_REDIRECT = {"VLLM_MODEL_REDIRECT_PATH": ""}  # the venv's demo alias file must not answer for these names
 
 
@@ -104,10 +112,11 @@ def decoded_frames(video):
     return reader.get_batch(list(range(FRAMES))).asnumpy()
 
 
-def reference_pool(features: torch.Tensor, side: int, kernel: int) -> torch.Tensor:
-    """(T, side * side, D) -> (T, h * w, D) with the plain reference ST-GridPool (paper defaults, ``kernel``)."""
+def reference_pool(features: torch.Tensor, side: int, kernel: int, pooling: dict) -> torch.Tensor:
+    """(T, side * side, D) -> (T, h * w, D) with the plain reference ST-GridPool (paper defaults, ``kernel``,
+    then ``pooling``)."""
     frames, _, dim = features.shape
-    pooled = st_gridpool_reference(features.reshape(frames, side, side, dim).double(), kernel_size=kernel)
+    pooled = st_gridpool_reference(features.reshape(frames, side, side, dim).double(), kernel_size=kernel, **pooling)
     return pooled.reshape(frames, -1, dim).to(features.dtype)
 
 
@@ -126,7 +135,7 @@ def transformers_answer(model, processor, prompt: str, frames) -> dict:
     return {"prompt_tokens": prompt_len, "tokens": out.sequences[0, prompt_len:].tolist(), "first": first}
 
 
-def onevision_in_transformers(checkpoint, prompt: str, frames, *, kernel: int | None, layout: str) -> dict:
+def onevision_in_transformers(checkpoint, prompt: str, frames, *, kernel: int | None, layout: str, pooling=None) -> dict:
     """transformers' LLaVA-OneVision, pooled by the reference (``kernel``; None: its own bilinear pooling),
     its newline placed per ``layout``, its processor's placeholder count set to match."""
     from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
@@ -144,7 +153,7 @@ def onevision_in_transformers(checkpoint, prompt: str, frames, *, kernel: int | 
         len(inputs["pixel_values_videos"][video_idx])
     )
     if kernel is not None:
-        model.model.apply_pooling = lambda features: reference_pool(features, side, kernel)
+        model.model.apply_pooling = lambda features: reference_pool(features, side, kernel, pooling or {})
     if layout == "grid":
         video_features = model.model.get_video_features
 
@@ -160,7 +169,7 @@ def onevision_in_transformers(checkpoint, prompt: str, frames, *, kernel: int | 
     return transformers_answer(model, processor, prompt, frames)
 
 
-def next_video_in_transformers(checkpoint, prompt: str, frames, *, kernel: int) -> dict:
+def next_video_in_transformers(checkpoint, prompt: str, frames, *, kernel: int, pooling=None) -> dict:
     """transformers' LLaVA-NeXT-Video with its pooling (before the projector) swapped for the reference.
 
     Its processor is assembled from the checkpoint's files: transformers'
@@ -192,17 +201,30 @@ def next_video_in_transformers(checkpoint, prompt: str, frames, *, kernel: int) 
 
     class ReferencePooling(torch.nn.Module):
         def forward(self, features):  # (T, side * side, D) of the one video, CLS already dropped
-            return reference_pool(features, side, kernel)
+            return reference_pool(features, side, kernel, pooling or {})
 
     model.model.vision_resampler = ReferencePooling()
     return transformers_answer(model, processor, prompt, frames)
 
 
-def assert_same_answer(served: dict, reference: dict) -> None:
+def assert_same_answer(
+    served: dict, reference: dict, in_transformers, frames, label: str, stages=REPLICA_WRONG_STAGES
+) -> None:
+    """``served`` equals ``reference`` (prompt length, greedy tokens, first-step logprobs within
+    LOGPROB_TOLERANCE), and the tolerance rejects each wrong stage: ``in_transformers(frames,
+    pooling=...)`` is the reference's own call, run on the shifted frames or with other pooling settings."""
     assert served["prompt_tokens"] == reference["prompt_tokens"]
     assert served["tokens"] == reference["tokens"]
-    for token, logprob in served["first_logprobs"].items():
-        assert abs(reference["first"][token].item() - logprob) < LOGPROB_TOLERANCE, token
+    measured = distance(served["first_logprobs"], reference["first"])
+    print(f"\n{label}: {measured:.2e} from transformers")
+    assert measured < LOGPROB_TOLERANCE
+
+    def wrong_first(settings: dict, frames_shifted: bool):
+        wrong = in_transformers(shifted(frames) if frames_shifted else frames, pooling=settings)
+        assert wrong["prompt_tokens"] == served["prompt_tokens"]  # same token count: only the logprobs tell
+        return wrong["first"]
+
+    assert_rejects_wrong_stages(served["first_logprobs"], wrong_first, LOGPROB_TOLERANCE, label, stages)
 
 
 @pytest.fixture(scope="module")
@@ -283,10 +305,10 @@ class TestLlavaVideo(Served):
         assert answer["prompt_tokens"] == text_tokens(llava_video_replica) + FRAMES * 13 * (13 + 1)
 
     def test_same_answer_as_transformers_with_reference_pooling_in_the_grid(self, answer, llava_video_replica, frames):
-        reference = onevision_in_transformers(
-            llava_video_replica, rendered_prompt(llava_video_replica), frames, kernel=2, layout="grid"
+        in_transformers = functools.partial(
+            onevision_in_transformers, llava_video_replica, rendered_prompt(llava_video_replica), kernel=2, layout="grid"
         )
-        assert_same_answer(answer, reference)
+        assert_same_answer(answer, in_transformers(frames), in_transformers, frames, "LLaVA-Video replica")
 
     def test_a_request_cannot_switch_layouts(self, server, video, answer):
         with pytest.raises(openai.BadRequestError, match="video_newline"):
@@ -308,14 +330,18 @@ def test_stock_pooling_in_the_grid_layout_matches_transformers(launched, llava_v
     from tests.support.engine_runner import PROMPT, video
 
     served = launched["stock grid"].result()
-    reference = onevision_in_transformers(llava_video_replica, PROMPT, video(16, seed=0), kernel=None, layout="grid")
+    frames = video(16, seed=0)
+    in_transformers = functools.partial(onevision_in_transformers, llava_video_replica, PROMPT, kernel=None, layout="grid")
+    reference = in_transformers(frames)
     assert served["prompt_len"] == reference["prompt_tokens"] == text_tokens(llava_video_replica) + 16 * 14 * 15
     answer = {
         "prompt_tokens": served["prompt_len"],
         "tokens": served["tokens"][:NEW_TOKENS],
         "first_logprobs": {int(token): logprob for token, logprob in served["first_logprobs"].items()},
     }
-    assert_same_answer(answer, reference)
+    # Stock pooling has no pyramid to leave out: its wrong stage is the shifted frame.
+    only_shift = {name: stage for name, stage in WRONG_STAGES.items() if stage[1]}
+    assert_same_answer(answer, reference, in_transformers, frames, "stock pooling, grid layout", only_shift)
 
 
 class TestOneVision(Served):
@@ -327,10 +353,10 @@ class TestOneVision(Served):
         assert answer["prompt_tokens"] == text_tokens(onevision_replica) + FRAMES * 13 * 13 + 1
 
     def test_same_answer_as_transformers_with_reference_pooling(self, answer, onevision_replica, frames):
-        reference = onevision_in_transformers(
-            onevision_replica, rendered_prompt(onevision_replica), frames, kernel=2, layout="video"
+        in_transformers = functools.partial(
+            onevision_in_transformers, onevision_replica, rendered_prompt(onevision_replica), kernel=2, layout="video"
         )
-        assert_same_answer(answer, reference)
+        assert_same_answer(answer, in_transformers(frames), in_transformers, frames, "LLaVA-OneVision replica")
 
 
 class TestNextVideo(Served):
@@ -342,5 +368,7 @@ class TestNextVideo(Served):
         assert answer["prompt_tokens"] == text_tokens(next_video_replica) + FRAMES * 12 * 12
 
     def test_same_answer_as_transformers_with_reference_pooling(self, answer, next_video_replica, frames):
-        reference = next_video_in_transformers(next_video_replica, rendered_prompt(next_video_replica), frames, kernel=2)
-        assert_same_answer(answer, reference)
+        in_transformers = functools.partial(
+            next_video_in_transformers, next_video_replica, rendered_prompt(next_video_replica), kernel=2
+        )
+        assert_same_answer(answer, in_transformers(frames), in_transformers, frames, "LLaVA-NeXT-Video replica")
