@@ -493,3 +493,55 @@ def test_a_worker_that_died_idle_costs_no_request(videos):
     frames, _ = PyAVVideoLoader.load_bytes(videos["40f_160x120_30fps"], num_frames=8)
     assert frames.shape[0] == 8
     assert not set(idle) & set(pool().worker_pids())
+
+
+def h264_with_b_frames(num_frames: int, width: int = 160, height: int = 120) -> bytes:
+    """H.264 with B-frames and a key frame every 30 frames: decode order differs from display order."""
+    import io
+
+    import av
+
+    from vllm_stgridpool_testing.sample_videos import synthetic_frame
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"bf": "3", "g": "30", "preset": "medium", "crf": "18"}
+        for index in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(synthetic_frame(index, width, height), format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("num_frames", [7, 16, 64])
+def test_seeking_across_key_frames_and_b_frames_returns_opencvs_frames(num_frames):
+    """Sampling 7 or 16 of 300 frames seeks between key frames; 64 decodes on through most of them."""
+    data = h264_with_b_frames(300)
+    frames, metadata = PyAVVideoLoader.load_bytes(data, num_frames=num_frames)
+    expected, expected_metadata = opencv_loader().load_bytes(data, num_frames=num_frames)
+    assert metadata["frames_indices"] == expected_metadata["frames_indices"]
+    assert frames.shape == expected.shape
+    for slot in range(len(frames)):  # each frame its own: a neighbour differs by far more than 1
+        assert np.abs(frames[slot].astype(int) - expected[slot].astype(int)).mean() < 1.0, slot
+
+
+def test_released_frame_memory_is_reused_and_live_frames_are_not_overwritten(videos):
+    """The next video writes into the memory of frames no one holds any more, never into live ones."""
+    import gc
+
+    data = videos["40f_160x120_30fps"]
+    first, _ = PyAVVideoLoader.load_bytes(data, num_frames=8)
+    kept = first[2:5]  # a view alone keeps the frames' memory
+    expected = kept.copy()
+    del first
+    gc.collect()
+    second, _ = PyAVVideoLoader.load_bytes(videos["150f_128x96_25fps"], num_frames=8)
+    third, _ = PyAVVideoLoader.load_bytes(data, num_frames=16)
+    np.testing.assert_array_equal(kept, expected)
+    arenas_before = len(pool().arenas._free)
+    del second, third
+    gc.collect()
+    assert len(pool().arenas._free) >= arenas_before + 1

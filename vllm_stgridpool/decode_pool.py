@@ -4,8 +4,9 @@ vLLM decodes videos inside its API server process; a native crash there
 (FFmpeg parsing hostile input) would end the server for every client. Here
 each video is decoded by one of a few worker processes started once and
 reused. The frames come back through shared memory (a ``memfd`` the server
-creates, sized from the header and handed to the worker), not as a pickled
-copy. Messages are typed msgpack, so a worker taken over by a crafted video
+creates, sized from the header and handed to the worker; reused for later
+videos once the frames are released, see :class:`Arenas`), not as a
+pickled copy. Messages are typed msgpack, so a worker taken over by a crafted video
 cannot send the server a pickle. A worker that dies fails only its request
 (:class:`DecoderDied`) and is replaced by the next request that needs one.
 
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
@@ -39,7 +41,7 @@ import numpy as np
 
 from vllm_stgridpool.video_decoder import FrameSizeMismatch, UndecodableVideo, VideoHeader
 
-__all__ = ["DecodeBudget", "DecodePool", "DecoderBusy", "DecoderDied", "WorkerFailure"]
+__all__ = ["Arenas", "DecodeBudget", "DecodePool", "DecoderBusy", "DecoderDied", "WorkerFailure"]
 
 
 # --- messages --------------------------------------------------------------------
@@ -187,8 +189,8 @@ class _Worker:
 class PooledDecoder:
     """One request's use of a worker: open the video, read its header, then decode the sampled frames."""
 
-    def __init__(self, worker: _Worker, budget: DecodeBudget, deadline: float, timeout: float):
-        self._worker, self._budget, self._deadline, self._timeout = worker, budget, deadline, timeout
+    def __init__(self, worker: _Worker, budget: DecodeBudget, arenas: Arenas, deadline: float, timeout: float):
+        self._worker, self._budget, self._arenas, self._deadline, self._timeout = worker, budget, arenas, deadline, timeout
         self._open = False
 
     def open(self, path: str, max_pixels: int) -> VideoHeader:
@@ -200,15 +202,20 @@ class PooledDecoder:
     def decode(self, indices: list[int], header: VideoHeader, nbytes: int) -> np.ndarray:
         """The frames as a (T, H, W, 3) uint8 array over shared memory the worker wrote."""
         with self._budget.reserve(nbytes, self._deadline):
-            handle = _shared_memory(nbytes)
+            handle, size = self._arenas.take(nbytes)
             try:
                 self._open = False  # the worker closes the video after any Decode
                 self._worker.send(Decode(indices=indices, nbytes=nbytes), handle)
                 self._result(self._worker.receive(self._timeout))
                 shared = mmap.mmap(handle, nbytes, flags=_MAP_FLAGS)
-            finally:
-                os.close(handle)
-        return np.frombuffer(shared, np.uint8).reshape(len(indices), header.height, header.width, 3)
+            except BaseException:
+                self._arenas.give_back(handle, size)
+                raise
+        # Every view of the frames keeps ``flat`` alive (numpy points views at it): once the
+        # last is gone the arena goes back for the next video.
+        flat = np.frombuffer(shared, np.uint8)
+        weakref.finalize(flat, self._arenas.give_back, handle, size)
+        return flat.reshape(len(indices), header.height, header.width, 3)
 
     def close(self) -> None:
         if self._open and not self._worker.broken:
@@ -259,6 +266,7 @@ class DecodePool:
     def __init__(self, size: int, budget: DecodeBudget):
         self.size = size
         self.budget = budget
+        self.arenas = Arenas(keep_bytes=min(ARENA_CACHE_BYTES, budget.capacity))
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
         self._changed = threading.Condition()
@@ -276,7 +284,7 @@ class DecodePool:
                 local.close()
             return
         worker = self._acquire(deadline, wait_seconds)
-        session = PooledDecoder(worker, self.budget, deadline, timeout)
+        session = PooledDecoder(worker, self.budget, self.arenas, deadline, timeout)
         try:
             yield session
             session.close()
@@ -296,6 +304,7 @@ class DecodePool:
             workers, self._idle, self._all = list(self._all), [], set()
         for worker in workers:
             worker.stop()
+        self.arenas.close()
 
     def _acquire(self, deadline: float, wait_seconds: float) -> _Worker:
         with self._changed:
@@ -325,6 +334,48 @@ class DecodePool:
             elif worker in self._all:
                 self._idle.append(worker)
             self._changed.notify()
+
+
+# Released frame memory kept for the next videos, at most this much: writing pages that are
+# already there is about a third cheaper for the decoder than allocating fresh shared pages.
+ARENA_CACHE_BYTES = 512 * 2**20
+
+
+class Arenas:
+    """Shared-memory files (memfd) for frames, reused once the frames they held are released.
+
+    A file is reused only for a video that needs at least half of it, and
+    files beyond ``keep_bytes`` in all are closed. The pages of a kept file
+    are the machine's memory (not any process's RSS while unmapped).
+    """
+
+    def __init__(self, keep_bytes: int):
+        self.keep_bytes = keep_bytes
+        self._free: list[tuple[int, int]] = []  # (size, handle)
+        self._lock = threading.RLock()  # give_back runs from garbage collection, maybe inside take
+
+    def take(self, nbytes: int) -> tuple[int, int]:
+        with self._lock:
+            fitting = [entry for entry in self._free if nbytes <= entry[0] <= 2 * nbytes]
+            if fitting:
+                entry = min(fitting)
+                self._free.remove(entry)
+                return entry[1], entry[0]
+        return _shared_memory(nbytes), nbytes
+
+    def give_back(self, handle: int, size: int) -> None:
+        with self._lock:
+            kept = sum(entry[0] for entry in self._free)
+            if kept + size <= self.keep_bytes:
+                self._free.append((size, handle))
+                return
+        os.close(handle)
+
+    def close(self) -> None:
+        with self._lock:
+            free, self._free = self._free, []
+        for _, handle in free:
+            os.close(handle)
 
 
 def _shared_memory(nbytes: int) -> int:
