@@ -44,6 +44,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -117,7 +118,7 @@ class Geometry:
         request = request or {}
         fit = fit_video(
             frames, request.get("kernel_size", 2), request.get("max_video_tokens"),
-            min_frames=16, max_kernel_size=4,
+            min_frames=16, max_kernel_size=4,  # the servers' defaults (the driver sets neither)
             tokens=lambda f, k: self.tokens(f, self.kernel_grid(k)), kernel_fits=lambda k: k <= self.side,
         )
         return fit.tokens
@@ -212,7 +213,7 @@ def lmms_eval_command(args, setting: Setting, request: dict | None, frames: int,
 
 def run_setting(args, setting: Setting, result: Result, port: int, env: dict) -> None:
     output = args.output / "runs" / setting.name
-    subprocess.run(["rm", "-rf", str(output)], check=True)
+    shutil.rmtree(output, ignore_errors=True)  # a previous run's files would be read as this one's
     command = lmms_eval_command(args, setting, result.request, result.frames, port, output)
     result.command = shlex.join(command)
     print(f"  {setting.name}: {result.command}", flush=True)
