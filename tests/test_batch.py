@@ -166,7 +166,7 @@ def test_bad_videos_get_an_error_line_and_the_rest_completes(run_batch):
     outputs, log = run_batch
     assert "decode" in error_message(outputs["corrupt-video"]).lower()
     # vLLM 0.32 answers a missing file under the allowed folder with a 500 (an unhandled OSError).
-    assert "No such file or directory" in error_message(outputs["missing-file"], status=None)
+    assert "No such file or directory" in error_message(outputs["missing-file"], status=500)
     assert "allowed-local-media-path" in error_message(outputs["outside-media-path"])
     assert "Running batch: 100% Completed" in log
 
