@@ -73,7 +73,8 @@ def test_a_renamed_method_is_refused_naming_it(monkeypatch):
     reason = plugin.refusal(VERSION)
     assert reason == (
         "vllm-stgridpool cannot replace vLLM's LLaVA video classes: vLLM "
-        f"{VERSION} differs from what the patch expects: vllm.model_executor.models.llava_onevision."
+        f"{VERSION} differs from what class overrides (LLaVA-OneVision and LLaVA-NeXT-Video model, processing info "
+        "and processor) relies on: vllm.model_executor.models.llava_onevision."
         "LlavaOnevisionMultiModalProcessor._get_prompt_updates does not exist"
     )
 

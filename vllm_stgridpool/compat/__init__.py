@@ -169,7 +169,7 @@ class Guard:
             try:
                 feature.resolve()
             except LookupError as exc:
-                return f"vLLM {vllm_version} differs from what the patch expects: {exc}"
+                return f"vLLM {vllm_version} differs from what {self.patch} ({self.summary}) relies on: {exc}"
         return None
 
     def applies(self, vllm_version: str | None, say=None) -> bool:
