@@ -71,3 +71,19 @@ def nsp_path(request):
         if native.load() is None:
             pytest.skip("the fused CPU kernel could not be built here (tests/test_native.py says why)")
         yield request.param
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An ``openai`` client of the module's ``server`` fixture (each server-testing module defines one)."""
+    from tests.support.servers import openai_client
+
+    return openai_client(server)
+
+
+@pytest.fixture(scope="module")
+def text_tokens(request, onevision_checkpoint) -> int:
+    """Prompt tokens of a chat turn asking the module's ``QUESTION`` about one video, less the video."""
+    from tests.support.servers import text_tokens as chat_text_tokens
+
+    return chat_text_tokens(onevision_checkpoint, request.module.QUESTION)

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
 from tests.support.engines import two_at_a_time
+from tests.support.servers import text_tokens
 from vllm_stgridpool_testing.launch import vllm_command
 
 pytestmark = pytest.mark.engine
@@ -34,15 +34,6 @@ SIZING = ("--max-model-len", "16384", "--dtype", "float32", "--kv-cache-memory-b
 
 def video_tokens(frames: int, kernel_size: int = 2) -> int:
     return frames * ((GRID - kernel_size) // kernel_size + 1) ** 2 + 1
-
-
-def text_tokens(checkpoint, question: str) -> int:
-    """Prompt tokens of a one-video chat turn other than its ``<video>`` placeholder."""
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    assert rendered.count("<video>") == 1
-    return len(tokenizer(rendered)["input_ids"]) - 1
 
 
 def data_url(payload: bytes) -> str:

@@ -21,7 +21,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.test_batch import text_tokens, video_tokens
+from tests.support.servers import cpu_server_args, text_tokens
+from tests.test_batch import video_tokens
 from vllm_stgridpool_testing.launch import start_server
 
 pytestmark = [
@@ -55,10 +56,7 @@ def data_parallel_server(onevision_checkpoint, tmp_path_factory):
         onevision_checkpoint,
         "--plugins", "stgridpool",
         "--data-parallel-size", "2",
-        "--max-model-len", "16384",
-        "--dtype", "float32",
-        "--kv-cache-memory-bytes", str(256 << 20),
-        "--enforce-eager",
+        *cpu_server_args(kv_cache_bytes=256 << 20),
         env={**ONE_CORE_PER_RANK, "VLLM_LOGGING_LEVEL": "DEBUG"},
         log_path=folder / "server.log",
         timeout=900,

@@ -20,10 +20,10 @@ from __future__ import annotations
 import base64
 import time
 
-import openai
 import pytest
 from transformers import AutoTokenizer
 
+from tests.support.servers import cpu_server_args
 from vllm_stgridpool_testing.launch import start_server
 
 pytestmark = pytest.mark.engine
@@ -44,19 +44,11 @@ def server(onevision_checkpoint, tmp_path_factory):
         "--plugins", "stgridpool",
         "--served-model-name", "tiny",
         "--enable-prefix-caching",
-        "--max-model-len", "16384",
-        "--kv-cache-memory-bytes", str(512 << 20),
-        "--dtype", "float32",
-        "--enforce-eager",
+        *cpu_server_args(kv_cache_bytes=512 << 20),
         log_path=folder / "server.log",
         timeout=600,
     ) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0)
 
 
 @pytest.fixture(scope="module")

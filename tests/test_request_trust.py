@@ -11,8 +11,8 @@ import json
 
 import openai
 import pytest
-from transformers import AutoTokenizer
 
+from tests.support.servers import cpu_server_args
 from vllm_stgridpool_testing.launch import start_server
 
 pytestmark = pytest.mark.engine
@@ -29,28 +29,12 @@ def server(onevision_checkpoint, mp4_factory, tmp_path_factory):
         "--plugins", "stgridpool",
         "--served-model-name", "tiny",
         "--hf-overrides", json.dumps({"stgridpool": {"max_frames": MAX_FRAMES}}),
-        "--max-model-len", "8192",
-        "--kv-cache-memory-bytes", str(1 << 29),
-        "--dtype", "float32",
-        "--enforce-eager",
+        *cpu_server_args(max_model_len=8192, kv_cache_bytes=1 << 29),
         "--allowed-local-media-path", str(mp4_factory(24).parent),
         log_path=folder / "server.log",
         timeout=600,
     ) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def text_tokens(onevision_checkpoint) -> int:
-    tokenizer = AutoTokenizer.from_pretrained(onevision_checkpoint)
-    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
-    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    return len(tokenizer(rendered)["input_ids"]) - 1
 
 
 def ask(client, video, **extra_body):

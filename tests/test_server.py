@@ -15,6 +15,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from tests.support.servers import cpu_server_args
 from vllm_stgridpool_testing.launch import start_server
 from vllm_stgridpool.metrics import read_counter
 
@@ -43,10 +44,7 @@ def server(onevision_checkpoint, tmp_path_factory):
         "llava-video",
         # An unknown name in the allowlist is ignored (test_plugins_option_reaches_every_server_process).
         "--plugins", "stgridpool,no_such_plugin",
-        "--max-model-len", "16384",
-        "--kv-cache-memory-bytes", str(1 << 30),
-        "--dtype", "float32",
-        "--enforce-eager",
+        *cpu_server_args(),
         "--limit-mm-per-prompt", json.dumps({"video": 2, "image": 1}),
         # No --trust-request-mm-kwargs: the plugin's own key needs no blanket trust (P6).
         # VLLM_PLUGINS from the environment is overridden by --plugins (P3) in every process.
@@ -55,21 +53,6 @@ def server(onevision_checkpoint, tmp_path_factory):
         timeout=600,
     ) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def text_tokens(onevision_checkpoint) -> int:
-    """Prompt tokens of the chat request other than the one ``<video>`` placeholder."""
-    tokenizer = AutoTokenizer.from_pretrained(onevision_checkpoint)
-    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
-    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    assert rendered.count("<video>") == 1
-    return len(tokenizer(rendered)["input_ids"]) - 1
 
 
 def ask(client, video_path, **extra):

@@ -298,16 +298,13 @@ def test_a_server_runs_the_chosen_backend_and_logs_it_once(onevision_checkpoint,
     import base64
     import json
 
-    import openai
-    from transformers import AutoTokenizer
-
+    from tests.support.servers import cpu_server_args, openai_client, text_tokens
     from vllm_stgridpool_testing.launch import start_server
 
     video = mp4_factory(16)
-    with start_server(onevision_checkpoint, "--plugins", "stgridpool", "--max-model-len", "16384",
-                      "--kv-cache-memory-bytes", str(1 << 30), "--dtype", "float32", "--enforce-eager",
+    with start_server(onevision_checkpoint, "--plugins", "stgridpool", *cpu_server_args(),
                       "--limit-mm-per-prompt", json.dumps({"video": 1}), log_path=tmp_path / "server.log") as server:
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0)
+        client = openai_client(server)
         url = "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()
         content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What happens?"}]
         response = client.chat.completions.create(model=str(onevision_checkpoint), max_tokens=4,
@@ -315,10 +312,8 @@ def test_a_server_runs_the_chosen_backend_and_logs_it_once(onevision_checkpoint,
         log = server.log()
     said = [line for line in log.splitlines() if "ST-GridPool stage backend:" in line]
     assert len(said) == 1 and said[0].endswith("triton on cpu (STGRIDPOOL_STAGE_BACKEND=triton)"), said
-    tokenizer = AutoTokenizer.from_pretrained(onevision_checkpoint)
-    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
-    text = len(tokenizer(tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))["input_ids"])
-    assert response.usage.prompt_tokens == text - 1 + 16 * 169 + 1  # the placeholder becomes the video's tokens
+    text = text_tokens(onevision_checkpoint, "What happens?")
+    assert response.usage.prompt_tokens == text + 16 * 169 + 1  # the placeholder becomes the video's tokens
 
 
 def test_launches_follow_the_levels():
