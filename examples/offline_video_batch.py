@@ -4,7 +4,7 @@
 
 One engine, every video in one call, vLLM's own progress bar. ``llm.chat``
 reads each video from its file with the engine's frame sampling (the plugin
-makes that ``max_frames`` frames, decoded with decord). ``llm.generate``
+makes that ``max_frames`` frames, decoded by its video loader). ``llm.generate``
 takes frames you decoded yourself and, per prompt, an ``mm_processor_kwargs``
 ``stgridpool`` object: ``--request-settings '[{}, {"kernel_size": 3}]'`` asks
 about every video once per object. A request may only make a video cheaper

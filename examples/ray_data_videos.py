@@ -9,7 +9,7 @@ cluster. Two things make the plugin work there:
   the package installed on every node, vLLM loads the plugin in each engine
   actor and its workers, and the override switches ST-GridPool on for the
   model (``runtime_env`` sets ``VLLM_PLUGINS`` for the same effect).
-- Frames are decoded here, in a Ray Data CPU stage, with the plugin's decord
+- Frames are decoded here, in a Ray Data CPU stage, with the plugin's video
   loader and exactly ``max_frames`` frames per video. Ray's own
   ``PrepareMultimodalStage`` builds a vLLM model config without the plugin,
   so it would sample vLLM's default 32 frames while the engine expects 64;
@@ -35,9 +35,9 @@ HALF_A_CPU = 0.5
 
 def decode(row: dict, max_frames: int) -> dict:
     """One row per video: ``max_frames`` frames sampled as the engine's own loader would."""
-    from vllm_stgridpool.video_loader import DecordVideoLoader
+    from vllm_stgridpool.video_loader import PyAVVideoLoader
 
-    frames, _ = DecordVideoLoader.load_bytes(Path(row["path"]).read_bytes(), num_frames=max_frames)
+    frames, _ = PyAVVideoLoader.load_bytes(Path(row["path"]).read_bytes(), num_frames=max_frames)
     return {
         "path": row["path"],
         "messages": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPT}]}],

@@ -99,7 +99,7 @@ def all_guards() -> dict[str, Guard]:
 def test_every_guard_detects_the_installed_vllm():
     """Each patch finds what it changes in this vLLM, and is a no-op exactly where upstream fixed its defect."""
     guards = all_guards()
-    assert {"P1", "P2", "P3", "P5", "P7", "plugin", "decord default", "class overrides"} <= {g.patch for g in guards.values()}
+    assert {"P1", "P2", "P3", "P5", "P7", "plugin", "safe loader default", "class overrides"} <= {g.patch for g in guards.values()}
     for where, guard in guards.items():
         reason = guard.why_not(INSTALLED[1])
         if SERIES in guard.fixed_in:
@@ -108,9 +108,10 @@ def test_every_guard_detects_the_installed_vllm():
             assert reason is None, f"{where}: {reason}"
 
 
-def test_decord_default_only_where_opencv_rejects_one_frame_videos():
-    assert plugin.DECORD_BY_DEFAULT.why_not("0.32.0") is None
-    assert plugin.DECORD_BY_DEFAULT.why_not("0.33.0") == "vLLM 0.33.0 has the upstream fix"
+def test_the_safe_loader_is_the_default_on_both_series():
+    """0.33's opencv reads 1-frame videos, but still decodes uploads in the API server with no size limit."""
+    assert plugin.SAFE_LOADER_BY_DEFAULT.why_not("0.32.0") is None
+    assert plugin.SAFE_LOADER_BY_DEFAULT.why_not("0.33.0") is None
 
 
 # --- next to an unsupported vLLM --------------------------------------------------
@@ -290,9 +291,9 @@ def test_p5_unreachable_url_is_a_client_error():
     ],
 )
 def test_p5_video_options_are_checked(options, words):
-    from vllm_stgridpool.video_loader import register_decord_loader
+    from vllm_stgridpool.video_loader import register_video_loader
 
-    register_decord_loader()
+    register_video_loader()
     with pytest.raises(ValueError, match=words):
         media_fetch.check_video_options(options)
 

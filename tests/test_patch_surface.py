@@ -41,3 +41,24 @@ def test_the_installed_hook_line_is_the_ledgers_file():
 
     shipped = Path(__file__).resolve().parent.parent / "patches" / install.PTH_NAME
     assert shipped.read_text() == install.PTH_LINE
+
+
+def test_a_malformed_setting_stops_the_plugin_at_start_up():
+    """vLLM loads the plugin in every process it starts; a bad STGRIDPOOL_* value must end start-up with
+    the variable's name, not fail each request that reads it later."""
+    import os
+    import subprocess
+    import sys
+
+    load = "from vllm.plugins import load_general_plugins; load_general_plugins()"
+    for name, value, says in (
+        ("STGRIDPOOL_MAX_VIDEO_PIXELS", "4k", "is not a whole number"),
+        ("STGRIDPOOL_VIDEO_DECODE_WORKERS", "-1", "must be at least 0"),
+        ("STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS", "0", "must be at least 0.001"),
+    ):
+        env = {**os.environ, "VLLM_PLUGINS": "stgridpool", name: value}
+        done = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and f"{name}={value!r} {says}" in done.stderr, done.stderr[-2000:]
+    env = {**os.environ, "VLLM_PLUGINS": "stgridpool", "STGRIDPOOL_MAX_VIDEO_PIXELS": "1000000"}
+    done = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

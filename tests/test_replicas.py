@@ -104,12 +104,12 @@ def text_tokens(checkpoint) -> int:
 
 
 def decoded_frames(video):
-    """All frames of the mp4, as the server decodes them (decord; 64 of 64 frames sampled)."""
-    import decord
+    """All frames of the mp4, as the server decodes them (its video loader; 64 of 64 frames sampled)."""
+    from vllm_stgridpool.video_loader import PyAVVideoLoader
 
-    reader = decord.VideoReader(str(video), ctx=decord.cpu(0))
-    assert len(reader) == FRAMES
-    return reader.get_batch(list(range(FRAMES))).asnumpy()
+    frames, metadata = PyAVVideoLoader.load_bytes(video.read_bytes(), num_frames=FRAMES)
+    assert metadata["total_num_frames"] == FRAMES and len(frames) == FRAMES
+    return frames
 
 
 def reference_pool(features: torch.Tensor, side: int, kernel: int, pooling: dict) -> torch.Tensor:

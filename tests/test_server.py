@@ -223,10 +223,10 @@ def test_settings_at_the_limits_are_served_with_finite_logprobs(client, mp4_fact
 @pytest.fixture(scope="module")
 def decoded(mp4_factory):
     """The frames the server decodes from an 8-frame mp4 (same loader, same sampling)."""
-    from vllm_stgridpool.video_loader import DecordVideoLoader
+    from vllm_stgridpool.video_loader import PyAVVideoLoader
 
     path = mp4_factory(8)
-    frames, _ = DecordVideoLoader.load_bytes(path.read_bytes(), num_frames=64)
+    frames, _ = PyAVVideoLoader.load_bytes(path.read_bytes(), num_frames=64)
     return path, frames
 
 

@@ -16,17 +16,20 @@ def _optional(name: str) -> Callable[[], str | None]:
     return lambda: os.environ.get(name) or None
 
 
-def _number(name: str, default: float, kind: type = int) -> Callable[[], Any]:
-    """A number from the environment; a value that is not one stops the request with the variable's name."""
+def _number(name: str, default: float, kind: type = int, minimum: float = 0) -> Callable[[], Any]:
+    """A number of at least ``minimum`` from the environment; anything else is a ValueError naming the variable."""
 
     def read() -> Any:
         raw = os.environ.get(name)
         if not raw:
             return default
         try:
-            return kind(raw)
+            value = kind(raw)
         except ValueError:
-            raise RuntimeError(f"{name}={raw!r} is not a {kind.__name__}") from None
+            raise ValueError(f"{name}={raw!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if value < minimum:
+            raise ValueError(f"{name}={raw!r} must be at least {minimum}")
+        return value
 
     return read
 
@@ -41,15 +44,15 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # (video_limits.py): frame size in pixels (default 3840 x 2160), decoded RGB bytes of
     # the sampled frames (default 64 frames of 3840 x 2160), and the decoded bytes of all
     # videos decoding at once (0: a quarter of the machine's memory).
-    "STGRIDPOOL_MAX_VIDEO_PIXELS": _number("STGRIDPOOL_MAX_VIDEO_PIXELS", 3840 * 2160),
-    "STGRIDPOOL_MAX_VIDEO_DECODE_BYTES": _number("STGRIDPOOL_MAX_VIDEO_DECODE_BYTES", 64 * 3840 * 2160 * 3),
+    "STGRIDPOOL_MAX_VIDEO_PIXELS": _number("STGRIDPOOL_MAX_VIDEO_PIXELS", 3840 * 2160, minimum=1),
+    "STGRIDPOOL_MAX_VIDEO_DECODE_BYTES": _number("STGRIDPOOL_MAX_VIDEO_DECODE_BYTES", 64 * 3840 * 2160 * 3, minimum=1),
     "STGRIDPOOL_VIDEO_DECODE_BUDGET_BYTES": _number("STGRIDPOOL_VIDEO_DECODE_BUDGET_BYTES", 0),
     # The decode pool (decode_pool.py): worker processes (0 decodes in the API server
     # itself, without crash containment), the longest wait for a worker and budget
     # before HTTP 503, and the longest decode before its worker is ended.
     "STGRIDPOOL_VIDEO_DECODE_WORKERS": _number("STGRIDPOOL_VIDEO_DECODE_WORKERS", min(4, os.cpu_count() or 1)),
-    "STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS": _number("STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS", 30.0, float),
-    "STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS": _number("STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS", 120.0, float),
+    "STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS": _number("STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS", 30.0, float, 0.001),
+    "STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS": _number("STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS", 120.0, float, 0.001),
     # What runs the stage (backend.py): auto (the CPU kernels on CPU, Triton on CUDA where it
     # imports, PyTorch ops otherwise), cpu-kernels, triton or torch.
     "STGRIDPOOL_STAGE_BACKEND": lambda: (os.environ.get("STGRIDPOOL_STAGE_BACKEND") or "auto").strip().lower(),
@@ -57,6 +60,13 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # processes a server spawns do not say it again.
     "STGRIDPOOL_UNSUPPORTED_VLLM_REPORTED": lambda: os.environ.get("STGRIDPOOL_UNSUPPORTED_VLLM_REPORTED") == "1",
 }
+
+
+def check() -> None:
+    """Read every variable once: a malformed value stops the server at start-up, naming it, rather than
+    failing each request that reads it."""
+    for name in environment_variables:
+        environment_variables[name]()
 
 
 def __getattr__(name: str) -> Any:

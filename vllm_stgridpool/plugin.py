@@ -46,7 +46,10 @@ EXTENSION_POINTS = Guard(
     ),
 )
 # vLLM 0.32's opencv loader returns no frame for a valid 1-frame video; 0.33 reads it.
-DECORD_BY_DEFAULT = Guard("decord default", "decord loader instead of opencv for 1-frame videos", fixed_in=((0, 33),))
+# With ST-GridPool active, uploads go to the plugin's loader (header limits, a decode worker pool, current
+# FFmpeg) unless the user chose one: vLLM's opencv loader decodes in the API server with no size limit. It also
+# reads 1-frame videos, which 0.32's opencv loader rejects. The same on 0.32 and 0.33.
+SAFE_LOADER_BY_DEFAULT = Guard("safe loader default", "the plugin's pyav loader for uploads instead of opencv")
 
 
 class UnsupportedVLLMVersion(RuntimeError):
@@ -90,6 +93,7 @@ def register() -> None:
             )
         say_refusal_once(f"{reason}; the plugin is not active, vLLM runs without it", logger.warning)
         return
+    envs.check()  # a malformed STGRIDPOOL_* value stops the server here, not each request later
     from vllm import ModelRegistry
 
     from vllm_stgridpool.compat import accepted_metrics, media_fetch, request_trust
@@ -103,7 +107,7 @@ def register() -> None:
         media_fetch.apply(version)
     for architecture, family in FAMILIES.items():
         ModelRegistry.register_model(architecture, family.model_class)
-    _register_frame_sampling_default(DECORD_BY_DEFAULT.applies(version))
+    _register_frame_sampling_default(SAFE_LOADER_BY_DEFAULT.applies(version))
     from vllm_stgridpool.video_loader import register_video_loader
 
     register_video_loader()
@@ -111,7 +115,7 @@ def register() -> None:
     logger.debug("vllm-stgridpool registered for %s", ", ".join(FAMILIES))
 
 
-def _register_frame_sampling_default(decord_by_default: bool) -> None:
+def _register_frame_sampling_default(safe_loader_by_default: bool) -> None:
     """With ST-GridPool active, the server samples up to ``max_frames`` frames per video
     (with the plugin's loader, where vLLM's opencv loader rejects 1-frame videos).
 
@@ -129,7 +133,7 @@ def _register_frame_sampling_default(decord_by_default: bool) -> None:
         if previous is not None and getattr(previous, "_stgridpool", False):
             continue
         model_hooks.MODELS_CONFIG_MAP[architecture] = _frame_sampling_hook(
-            previous, family.video_extra_tokens, decord_by_default
+            previous, family.video_extra_tokens, safe_loader_by_default
         )
 
 
@@ -145,7 +149,7 @@ def default_num_frames(settings, model_config, extra_tokens: int) -> int:
     return max(1, min(settings.max_frames, fitting))
 
 
-def _frame_sampling_hook(previous, extra_tokens: int, decord_by_default: bool):
+def _frame_sampling_hook(previous, extra_tokens: int, safe_loader_by_default: bool):
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
     from vllm_stgridpool.activation import settings_for
@@ -166,7 +170,7 @@ def _frame_sampling_hook(previous, extra_tokens: int, decord_by_default: bool):
             request_trust.mark_active(settings.max_frames)  # its own request key needs no blanket trust (P6)
             video = mm_config.media_io_kwargs.setdefault("video", {})
             video.setdefault("num_frames", default_num_frames(settings, model_config, extra_tokens))
-            if decord_by_default and "video_backend" not in video and envs.VLLM_VIDEO_LOADER_BACKEND is None:
+            if safe_loader_by_default and "video_backend" not in video and envs.VLLM_VIDEO_LOADER_BACKEND is None:
                 video["video_backend"] = LOADER_NAME  # limits, decode pool (video_loader.py)
 
         @staticmethod

@@ -143,7 +143,7 @@ def register_video_loader() -> type[PyAVVideoLoader]:
     return PyAVVideoLoader
 
 
-# The names this module had when it decoded with decord (examples and other callers use them).
+# The names this module had when it decoded with decord, kept for code written against them.
 DecordVideoLoader = PyAVVideoLoader
 register_decord_loader = register_video_loader
 

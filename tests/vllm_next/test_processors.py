@@ -83,12 +83,13 @@ def test_two_videos_of_different_lengths_and_a_cheaper_request_override(onevisio
 
 def test_profiling_and_frame_sampling_defaults_on_0_33(onevision_checkpoint):
     """Stock 0.33 still profiles at most 16 frames per video; with the plugin active it is max_frames
-    (64), the sampling default follows, and no decord default: 0.33's opencv reads 1-frame videos."""
+    (64), the sampling default follows, and uploads go to the plugin's loader (header limits, decode pool):
+    0.33's opencv reads 1-frame videos but still decodes in the API server with no size limit."""
     model_config, active = processor_for(onevision_checkpoint, hf_overrides={"stgridpool": {}})
     _, stock = processor_for(onevision_checkpoint)
     assert stock.info.get_num_frames_with_most_features(16384, {"video": 1}) == 16
     assert active.info.get_num_frames_with_most_features(16384, {"video": 1}) == 64
-    assert model_config.multimodal_config.media_io_kwargs["video"] == {"num_frames": 64}
+    assert model_config.multimodal_config.media_io_kwargs["video"] == {"num_frames": 64, "video_backend": "pyav"}
 
 
 def test_more_frames_than_max_frames_is_rejected_before_the_model(onevision_checkpoint):
