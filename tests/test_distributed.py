@@ -21,9 +21,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support.servers import cpu_server_args, text_tokens
+from tests.support.servers import cpu_server_args, serving, text_tokens
 from tests.test_batch import video_tokens
-from vllm_stgridpool_testing.launch import start_server
 
 pytestmark = [
     pytest.mark.engine,
@@ -51,17 +50,12 @@ DP_FRAMES = (16, 8, 5, 12, 16, 8)
 
 @pytest.fixture(scope="module")
 def data_parallel_server(onevision_checkpoint, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data_parallel")
-    with start_server(
-        onevision_checkpoint,
-        "--plugins", "stgridpool",
-        "--data-parallel-size", "2",
-        *cpu_server_args(kv_cache_bytes=256 << 20),
+    yield from serving(
+        onevision_checkpoint, tmp_path_factory, "data_parallel",
+        "--plugins", "stgridpool", "--data-parallel-size", "2", *cpu_server_args(kv_cache_bytes=256 << 20),
         env={**ONE_CORE_PER_RANK, "VLLM_LOGGING_LEVEL": "DEBUG"},
-        log_path=folder / "server.log",
         timeout=900,
-    ) as server:
-        yield server
+    )
 
 
 def test_data_parallel_2_serves_with_the_plugin_on_both_ranks(data_parallel_server, onevision_checkpoint,

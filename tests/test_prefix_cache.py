@@ -23,8 +23,7 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from tests.support.servers import cpu_server_args
-from vllm_stgridpool_testing.launch import start_server
+from tests.support.servers import cpu_server_args, serving
 
 pytestmark = pytest.mark.engine
 
@@ -38,17 +37,13 @@ HITS, QUERIES = "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total
 
 @pytest.fixture(scope="module")
 def server(onevision_checkpoint, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("prefix_cache")
-    with start_server(
-        onevision_checkpoint,
+    yield from serving(
+        onevision_checkpoint, tmp_path_factory, "prefix_cache",
         "--plugins", "stgridpool",
         "--served-model-name", "tiny",
         "--enable-prefix-caching",
         *cpu_server_args(kv_cache_bytes=512 << 20),
-        log_path=folder / "server.log",
-        timeout=600,
-    ) as running:
-        yield running
+    )
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from vllm_stgridpool_testing.launch import start_server
+from tests.support.server_memory import group_rss_bytes
+from tests.support.servers import cpu_server_args, serving
 
 from tests.support.hostile_videos import offsets_past_the_end
 
@@ -37,14 +38,7 @@ pytestmark = pytest.mark.engine
 
 GRID = 27
 MAX_FRAMES = 64  # the plugin's default, which the server samples long videos down to
-SERVE_ARGS = (
-    "--plugins", "stgridpool",
-    "--max-model-len", "16384",
-    "--kv-cache-memory-bytes", "1073741824",
-    "--dtype", "float32",
-    "--enforce-eager",
-    "--trust-request-mm-kwargs",
-)
+SERVE_ARGS = ("--plugins", "stgridpool", *cpu_server_args(), "--trust-request-mm-kwargs")
 QUESTION = "Describe the video."
 UNREACHABLE_URL = "http://127.0.0.1:9/x.mp4"  # discard port on loopback: nothing listens
 
@@ -100,33 +94,12 @@ def slope(points: list[tuple[int, int]]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
 
 
-def group_rss_bytes(pgid: int) -> int:
-    """Summed VmRSS of every process in the server's group (API server, engine core, worker)."""
-    total = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            if os.getpgid(int(name)) != pgid:
-                continue
-            with open(f"/proc/{name}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-        except (ProcessLookupError, FileNotFoundError, PermissionError):
-            continue
-    return total
-
-
 # --- the server and its clients --------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def server(onevision_checkpoint, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("reliability") / "server.log"
-    srv = start_server(onevision_checkpoint, *SERVE_ARGS, log_path=log_path, timeout=420)
-    yield srv
-    srv.stop()
+    yield from serving(onevision_checkpoint, tmp_path_factory, "reliability", *SERVE_ARGS, timeout=420)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ import json
 import openai
 import pytest
 
-from tests.support.servers import cpu_server_args
-from vllm_stgridpool_testing.launch import start_server
+from tests.support.servers import cpu_server_args, serving
 
 pytestmark = pytest.mark.engine
 
@@ -23,18 +22,14 @@ QUESTION = "What happens in this video?"
 
 @pytest.fixture(scope="module")
 def server(onevision_checkpoint, mp4_factory, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("request_trust")
-    with start_server(
-        onevision_checkpoint,
+    yield from serving(
+        onevision_checkpoint, tmp_path_factory, "request_trust",
         "--plugins", "stgridpool",
         "--served-model-name", "tiny",
         "--hf-overrides", json.dumps({"stgridpool": {"max_frames": MAX_FRAMES}}),
         *cpu_server_args(max_model_len=8192, kv_cache_bytes=1 << 29),
         "--allowed-local-media-path", str(mp4_factory(24).parent),
-        log_path=folder / "server.log",
-        timeout=600,
-    ) as running:
-        yield running
+    )
 
 
 def ask(client, video, **extra_body):

@@ -20,18 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vllm_stgridpool_testing.launch import start_server
+from tests.support.server_memory import group_rss_bytes
+from tests.support.servers import cpu_server_args, serving
 from vllm_stgridpool_testing.sample_videos import size_bomb_mp4
 
 pytestmark = pytest.mark.engine
 
-SERVE_ARGS = (
-    "--plugins", "stgridpool",
-    "--max-model-len", "16384",
-    "--kv-cache-memory-bytes", "1073741824",
-    "--dtype", "float32",
-    "--enforce-eager",
-)
+SERVE_ARGS = ("--plugins", "stgridpool", *cpu_server_args())
 FRAME_TOKENS = 169  # 27 x 27 patches pooled with kernel 2: 13 x 13
 REFUSAL_SECONDS = 2.0
 RSS_RISE_BOUND = 200 * 2**20
@@ -57,23 +52,6 @@ def chat_body(model: str, url: str) -> dict:
         "max_tokens": 2,
         "temperature": 0,
     }
-
-
-def group_rss_bytes(pgid: int) -> int:
-    """Summed VmRSS of every process in the server's process group."""
-    total = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            if os.getpgid(int(name)) != pgid:
-                continue
-            for line in Path(f"/proc/{name}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except (ProcessLookupError, FileNotFoundError, PermissionError):
-            continue
-    return total
 
 
 def decode_workers(pgid: int) -> list[int]:
@@ -121,10 +99,7 @@ class PeakSampler:
 
 @pytest.fixture(scope="module")
 def server(onevision_checkpoint, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("untrusted") / "server.log"
-    srv = start_server(onevision_checkpoint, *SERVE_ARGS, log_path=log_path, timeout=420)
-    yield srv
-    srv.stop()
+    yield from serving(onevision_checkpoint, tmp_path_factory, "untrusted", *SERVE_ARGS, timeout=420)
 
 
 @pytest.fixture(scope="module")

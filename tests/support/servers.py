@@ -31,3 +31,13 @@ def text_tokens(checkpoint, question: str) -> int:
     rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert rendered.count("<video>") == 1
     return len(tokenizer(rendered)["input_ids"]) - 1
+
+
+def serving(model, tmp_path_factory, name: str, *args: str, timeout: float = 600, **kwargs):
+    """A module-scoped server fixture's body, ``yield from serving(...)``: ``vllm serve model *args`` with its
+    log in a fresh folder ``name``, stopped (with every process it started) when the module is done."""
+    from vllm_stgridpool_testing.launch import start_server
+
+    log_path = tmp_path_factory.mktemp(name) / "server.log"
+    with start_server(model, *args, log_path=log_path, timeout=timeout, **kwargs) as running:
+        yield running
