@@ -75,7 +75,7 @@ bench-serve: setup
 	$(BIN)/python benchmarks/serve_bench.py
 
 bench-followup: setup
-	$(BIN)/python benchmarks/followup_bench.py
+	$(BIN)/python benchmarks/followup_bench.py --profile
 
 bench-batch: setup
 	$(BIN)/python benchmarks/batch_bench.py

@@ -46,6 +46,7 @@ from pathlib import Path
 import cv2
 import msgspec
 import numpy as np
+from engine_setup import git_state  # benchmarks/ is on sys.path
 
 # (frames in the video, width, height, frames requested)
 CASES = (
@@ -82,7 +83,11 @@ class CaseResult(msgspec.Struct):
     pool_over_local_cpu: float
 
 
-class BenchReport(msgspec.Struct):
+class BenchReport(msgspec.Struct, kw_only=True):
+    git_commit: str = ""  # the code the run measured, as in the engine benchmarks' reports
+    git_dirty: bool = False
+    git_changed_paths: list[str] = []
+    load_average: float = 0.0  # the 1-minute load average as the run started (other work on the machine)
     repeats: int
     cpu_count: int
     python: str
@@ -283,6 +288,7 @@ def format_table(cases: list[CaseResult]) -> str:
 
 
 def main(repeats: int) -> None:
+    facts = dict(git_state(), load_average=os.getloadavg()[0])  # the code and the machine as the run starts
     loaders = make_loaders()
     cases = []
     with tempfile.TemporaryDirectory(prefix="decode_bench_") as folder:
@@ -296,6 +302,7 @@ def main(repeats: int) -> None:
             cases.append(result)
 
     report = BenchReport(
+        **facts,
         repeats=repeats,
         cpu_count=os.cpu_count() or 0,
         python=platform.python_version(),

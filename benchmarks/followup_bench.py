@@ -12,8 +12,13 @@ benchmark's checkpoint and server flags (``serve_bench.start_variant`` with
 - for each of ``--videos`` distinct mp4s, ``--questions`` questions asked one
   after the other (each a new single-turn chat: the video, then the question);
 - per request: time to first token and end-to-end latency (streamed),
-  prompt tokens, and the server's ``vllm:prefix_cache_hits_total`` and
-  ``vllm:prefix_cache_queries_total`` deltas from ``/metrics``.
+  prompt tokens, the server's ``vllm:prefix_cache_hits_total`` and
+  ``vllm:prefix_cache_queries_total`` deltas, and its own TTFT and prefill
+  time (histogram sums) from ``/metrics``;
+- with ``--profile``, one more follow-up about the first video, asked last
+  (not in the medians) under vLLM's torch profiler: its prefill step by op,
+  its decode steps, and whether any vision-tower or pooling op ran
+  (``engine_profile.py``).
 
 Writes ``benchmarks/results/followup_bench.json`` and ``followup_bench.png``.
 Usage: ``python benchmarks/followup_bench.py [--quick]``.
@@ -24,11 +29,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
+import shutil
 import statistics
 import time
 from pathlib import Path
 
 import msgspec
+from engine_profile import PrefillProfile, prefill_profile
 from engine_setup import (  # benchmarks/ is on sys.path
     LABELS, STYLES, VARIANTS, VIDEO_SIZE, RunFacts, add_report_options, build_checkpoint, chosen_variants, print_ratio_table, publish,
     replot, report_fields, run_facts,
@@ -58,6 +66,11 @@ QUESTIONS = (
 )
 HITS = "vllm:prefix_cache_hits_total"
 QUERIES = "vllm:prefix_cache_queries_total"
+SERVER_TTFT = "vllm:time_to_first_token_seconds_sum"  # from the API server's arrival (decode included)
+PREFILL = "vllm:request_prefill_time_seconds_sum"  # from the engine's scheduling to the first token
+PREFILL_COUNT = "vllm:request_prefill_time_seconds_count"
+COUNTERS = (HITS, QUERIES, SERVER_TTFT, PREFILL, PREFILL_COUNT)
+PROFILED_QUESTION = "What is the last thing that happens?"  # --profile: one more follow-up about the first video
 
 
 class Question(msgspec.Struct):
@@ -68,6 +81,8 @@ class Question(msgspec.Struct):
     prompt_tokens: int
     prefix_cache_hits: int
     prefix_cache_queries: int
+    server_ttft_s: float = 0.0
+    prefill_s: float = 0.0  # server_ttft_s - prefill_s: the API server's decode and processing, and the queue
 
 
 class VariantResult(msgspec.Struct):
@@ -83,6 +98,8 @@ class VariantResult(msgspec.Struct):
     first_hit_fraction: float
     followup_hit_fraction: float
     ratio_to_stock: dict[str, float] = {}
+    profiled_question: Question | None = None  # with --profile
+    profile: PrefillProfile | None = None
 
 
 class Report(RunFacts, kw_only=True):
@@ -114,45 +131,59 @@ def write_videos(frames: int, count: int) -> list[Path]:
     return paths
 
 
-async def prefix_counters(server) -> tuple[float, float]:
+async def server_counters(server) -> dict[str, float]:
     text = await asyncio.to_thread(server.get, "/metrics")
-    return metric_total(text, HITS), metric_total(text, QUERIES)
+    return {name: metric_total(text, name) for name in COUNTERS}
 
 
 async def ask(server, client, url: str, question: str, max_tokens: int) -> tuple:
-    """One streamed question and the prefix-cache counters' deltas it caused.
+    """One streamed question and the deltas of the server's counters it caused.
 
-    The counters are read again until the request's queries show up (vLLM
-    records a step's cache statistics after sending its tokens).
+    The counters are read again until the request's queries and prefill time
+    show up (vLLM records a step's statistics after sending its tokens).
     """
-    hits_before, queries_before = await prefix_counters(server)
+    before = await server_counters(server)
     result = await one_request(client, url, max_tokens, question=question)
     if not result.ok:
         raise RuntimeError(f"request failed: {result.error}")
     deadline = time.monotonic() + 10.0
     while True:
-        hits, queries = await prefix_counters(server)
-        if queries - queries_before >= result.prompt_tokens or time.monotonic() > deadline:
+        delta = {name: value - before[name] for name, value in (await server_counters(server)).items()}
+        if (delta[QUERIES] >= result.prompt_tokens and delta[PREFILL_COUNT] >= 1) or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.1)
-    return result, int(hits - hits_before), int(queries - queries_before)
+    return result, delta
 
 
-async def ask_all(server, name: str, videos: list[Path], warmup: Path, args) -> list[Question]:
+async def ask_and_record(server, client, video: int, index: int, url: str, question: str, max_tokens: int) -> Question:
+    result, delta = await ask(server, client, url, question, max_tokens)
+    print(f"  video {video} question {index}: TTFT {result.ttft_s:6.2f} s (prefill {delta[PREFILL]:.2f} s), "
+          f"{result.prompt_tokens} prompt tokens, {int(delta[HITS])} cache hits", flush=True)
+    return Question(video, index, result.ttft_s, result.e2e_s, result.prompt_tokens, int(delta[HITS]),
+                    int(delta[QUERIES]), server_ttft_s=delta[SERVER_TTFT], prefill_s=delta[PREFILL])
+
+
+async def ask_all(server, videos: list[Path], warmup: Path, args) -> tuple[list[Question], Question | None]:
+    """Every measured question, then (with --profile) the profiled follow-up."""
     client = make_client(server)
     rows = []
+    profiled = None
     try:
         await ask(server, client, data_url(warmup), QUESTIONS[0], 1)  # first-request costs, not measured
         for v, path in enumerate(videos):
             url = data_url(path)
             for q in range(args.questions):
-                result, hits, queries = await ask(server, client, url, QUESTIONS[q % len(QUESTIONS)], args.max_tokens)
-                rows.append(Question(v, q, result.ttft_s, result.e2e_s, result.prompt_tokens, hits, queries))
-                print(f"  video {v} question {q}: TTFT {result.ttft_s:6.2f} s, {result.prompt_tokens} prompt tokens, "
-                      f"{hits} cache hits", flush=True)
+                rows.append(await ask_and_record(server, client, v, q, url, QUESTIONS[q % len(QUESTIONS)],
+                                                 args.max_tokens))
+        if args.profile:
+            print("  profiled:", flush=True)
+            await asyncio.to_thread(server.post, "/start_profile")
+            profiled = await ask_and_record(server, client, 0, args.questions, data_url(videos[0]),
+                                            PROFILED_QUESTION, args.max_tokens)
+            await asyncio.to_thread(server.post, "/stop_profile")
     finally:
         await client.close()
-    return rows
+    return rows, profiled
 
 
 def block_size(server) -> int:
@@ -165,9 +196,18 @@ def block_size(server) -> int:
 def bench_variant(name: str, checkpoint: Path, videos: list[Path], warmup: Path, args) -> VariantResult:
     overrides, plugins = VARIANTS[name]
     print(f"\n== {name}: VLLM_PLUGINS={plugins!r} hf_overrides={overrides}, prefix caching on", flush=True)
-    server = start_variant(name, checkpoint, args.kv_cache_bytes, prefix_caching=True, logs=ARTIFACTS / "logs")
+    profiles = ARTIFACTS / "profiles" / name
+    extra_args = ()
+    if args.profile:
+        shutil.rmtree(profiles, ignore_errors=True)
+        extra_args = ("--profiler-config", json.dumps({
+            "profiler": "torch", "torch_profiler_dir": str(profiles),
+            "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False,
+        }))
+    server = start_variant(name, checkpoint, args.kv_cache_bytes, prefix_caching=True, logs=ARTIFACTS / "logs",
+                           extra_args=extra_args)
     try:
-        rows = asyncio.run(ask_all(server, name, videos, warmup, args))
+        rows, profiled = asyncio.run(ask_all(server, videos, warmup, args))
         size = block_size(server)
     finally:
         server.stop()
@@ -185,6 +225,7 @@ def bench_variant(name: str, checkpoint: Path, videos: list[Path], warmup: Path,
         first_ttft_p50_s=first_ttft, followup_ttft_p50_s=followup_ttft,
         followup_to_first_ttft=followup_ttft / first_ttft,
         first_hit_fraction=hit_fraction(first), followup_hit_fraction=hit_fraction(followups),
+        profiled_question=profiled, profile=prefill_profile(profiles) if args.profile else None,
     )
 
 
@@ -204,14 +245,30 @@ ROWS = (
     ("prompt tokens, first question", lambda v: v.questions[0].prompt_tokens, ",d"),
     ("TTFT first question p50, s", lambda v: v.first_ttft_p50_s, ".2f"),
     ("TTFT follow-ups p50, s", lambda v: v.followup_ttft_p50_s, ".2f"),
+    ("follow-up prefill p50, s", lambda v: followup_median(v, "prefill_s"), ".2f"),
+    ("follow-up pre-prefill p50, s", lambda v: followup_median(v, "server_ttft_s", "prefill_s"), ".3f"),
     ("follow-up / first TTFT", lambda v: v.followup_to_first_ttft, ".3f"),
     ("cache hits, first questions", lambda v: v.first_hit_fraction, ".1%"),
     ("cache hits, follow-ups", lambda v: v.followup_hit_fraction, ".1%"),
 )
 
 
+def followup_median(v: VariantResult, field: str, minus: str | None = None) -> float:
+    """The follow-ups' median of a per-question timing (or of the difference of two)."""
+    values = [getattr(r, field) - (getattr(r, minus) if minus else 0.0) for r in v.questions if r.index > 0]
+    return statistics.median(values) if values else 0.0
+
+
 def print_table(variants: list[VariantResult]) -> None:
     print_ratio_table(variants, ROWS)
+    for v in variants:
+        if v.profile is not None:
+            p = v.profile
+            print(f"\n{v.name}, profiled follow-up: prefill step {p.prefill_step_ms:.1f} ms for {p.prefill_tokens} "
+                  f"tokens; {p.decode_steps} decode steps {p.decode_steps_ms:.1f} ms; vision or pooling ops: "
+                  f"{p.encoder_ops or 'none'}")
+            for op, ms in p.prefill_ops_ms.items():
+                print(f"    {ms:9.2f} ms  {op}")
 
 
 def plot(variants: list[VariantResult], path: Path, frames: int) -> None:
@@ -266,6 +323,8 @@ def parse_args(argv=None):
     parser.add_argument("--videos", type=int, default=None, help="distinct videos per variant (default 3; quick 1)")
     parser.add_argument("--questions", type=int, default=None, help="questions per video (default 4; quick 3)")
     parser.add_argument("--frames", type=int, default=None, help="frames per video (default 64; quick 16)")
+    parser.add_argument("--profile", action="store_true",
+                        help="torch-profile the first follow-up in the engine (vLLM's --profiler-config)")
     add_report_options(parser, "followup_bench", "question")
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "full"

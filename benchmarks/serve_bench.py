@@ -143,7 +143,7 @@ def video_url(frames: int, width: int = VIDEO_SIZE[0]) -> str:
 
 
 def start_variant(name: str, checkpoint: Path, kv_bytes: int, *, prefix_caching: bool = False,
-                  logs: Path = ARTIFACTS / "logs") -> Server:
+                  logs: Path = ARTIFACTS / "logs", extra_args: tuple[str, ...] = ()) -> Server:
     """``vllm serve`` for one variant, with the same sizing flags for every variant.
 
     Prefix caching is off for the load benchmark (every load request
@@ -160,6 +160,7 @@ def start_variant(name: str, checkpoint: Path, kv_bytes: int, *, prefix_caching:
     ]
     if overrides is not None:
         args += ["--hf-overrides", json.dumps(overrides)]
+    args += extra_args
     return start_server(
         checkpoint, *args, env={"VLLM_PLUGINS": plugins},
         log_path=logs / f"{name}.log", timeout=900,

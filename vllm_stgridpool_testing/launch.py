@@ -52,6 +52,12 @@ class Server:
         with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
             return response.read().decode()
 
+    def post(self, path: str, timeout: float = 600.0) -> str:
+        """An empty POST, as vLLM's ``/start_profile`` and ``/stop_profile`` take."""
+        request = urllib.request.Request(self.base_url + path, data=b"", method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read().decode()
+
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
