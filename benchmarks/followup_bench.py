@@ -17,8 +17,8 @@ benchmark's checkpoint and server flags (``serve_bench.start_variant`` with
   time (histogram sums) from ``/metrics``;
 - with ``--profile``, one more follow-up about the first video, asked last
   (not in the medians) under vLLM's torch profiler: its prefill step by op,
-  its decode steps, and whether any vision-tower or pooling op ran
-  (``engine_profile.py``).
+  its decode steps, and whether the video was encoded again (any video
+  pooling op; ``engine_profile.py``).
 
 Writes ``benchmarks/results/followup_bench.json`` and ``followup_bench.png``.
 Usage: ``python benchmarks/followup_bench.py [--quick]``.
@@ -265,8 +265,8 @@ def print_table(variants: list[VariantResult]) -> None:
         if v.profile is not None:
             p = v.profile
             print(f"\n{v.name}, profiled follow-up: prefill step {p.prefill_step_ms:.1f} ms for {p.prefill_tokens} "
-                  f"tokens; {p.decode_steps} decode steps {p.decode_steps_ms:.1f} ms; vision or pooling ops: "
-                  f"{p.encoder_ops or 'none'}")
+                  f"tokens; {p.decode_steps} decode steps {p.decode_steps_ms:.1f} ms; video pooling ops: "
+                  f"{p.pooling_ops or 'none'}")
             for op, ms in p.prefill_ops_ms.items():
                 print(f"    {ms:9.2f} ms  {op}")
 
