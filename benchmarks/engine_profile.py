@@ -34,16 +34,17 @@ class PrefillProfile(msgspec.Struct):
     pooling_ops: list[str]  # video pooling ops anywhere in the profile: none if the video was not encoded
 
 
-def trace_path(folder: Path) -> Path:
-    traces = sorted(folder.glob("rank0.*.pt.trace.json"))
+def new_trace(folder: Path, seen: set[Path]) -> Path:
+    """The worker trace written to ``folder`` since its files were ``seen`` (one per profiled window)."""
+    traces = [path for path in folder.glob("rank0.*.pt.trace.json") if path not in seen]
     if len(traces) != 1:
-        raise RuntimeError(f"expected one worker trace in {folder}, found {[p.name for p in traces]}")
+        raise RuntimeError(f"expected one new worker trace in {folder}, found {[p.name for p in traces]}")
     return traces[0]
 
 
-def prefill_profile(folder: Path) -> PrefillProfile:
-    """The breakdown of the single prefill step in the worker trace under ``folder``."""
-    events = [e for e in json.loads(trace_path(folder).read_text())["traceEvents"] if e.get("ph") == "X"]
+def prefill_profile(trace: Path) -> PrefillProfile:
+    """The breakdown of the single prefill step in a worker trace."""
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
     steps = [(e, STEP.fullmatch(e["name"])) for e in events]
     steps = [(e, m) for e, m in steps if m]
     prefills = [(e, m) for e, m in steps if int(m.group(2)) > 0]

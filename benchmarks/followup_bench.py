@@ -15,10 +15,11 @@ benchmark's checkpoint and server flags (``serve_bench.start_variant`` with
   prompt tokens, the server's ``vllm:prefix_cache_hits_total`` and
   ``vllm:prefix_cache_queries_total`` deltas, and its own TTFT and prefill
   time (histogram sums) from ``/metrics``;
-- with ``--profile``, one more follow-up about the first video, asked last
-  (not in the medians) under vLLM's torch profiler: its prefill step by op,
-  its decode steps, and whether the video was encoded again (any video
-  pooling op; ``engine_profile.py``).
+- with ``--profile``, two more follow-ups under vLLM's torch profiler (not
+  in the medians): about the last video, whose encoder output vLLM's
+  encoder cache still holds, and about the first, whose output the later
+  videos evicted. Each records its prefill step by op, its decode steps,
+  and whether the video was encoded again (``engine_profile.py``).
 
 Writes ``benchmarks/results/followup_bench.json`` and ``followup_bench.png``.
 Usage: ``python benchmarks/followup_bench.py [--quick]``.
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 
 import msgspec
-from engine_profile import PrefillProfile, prefill_profile
+from engine_profile import PrefillProfile, new_trace, prefill_profile
 from engine_setup import (  # benchmarks/ is on sys.path
     LABELS, STYLES, VARIANTS, VIDEO_SIZE, RunFacts, add_report_options, build_checkpoint, chosen_variants, print_ratio_table, publish,
     replot, report_fields, run_facts,
@@ -70,7 +71,7 @@ SERVER_TTFT = "vllm:time_to_first_token_seconds_sum"  # from the API server's ar
 PREFILL = "vllm:request_prefill_time_seconds_sum"  # from the engine's scheduling to the first token
 PREFILL_COUNT = "vllm:request_prefill_time_seconds_count"
 COUNTERS = (HITS, QUERIES, SERVER_TTFT, PREFILL, PREFILL_COUNT)
-PROFILED_QUESTION = "What is the last thing that happens?"  # --profile: one more follow-up about the first video
+PROFILED_QUESTION = "What is the last thing that happens?"  # --profile: asked once more per profiled case
 
 
 class Question(msgspec.Struct):
@@ -83,6 +84,12 @@ class Question(msgspec.Struct):
     prefix_cache_queries: int
     server_ttft_s: float = 0.0
     prefill_s: float = 0.0  # server_ttft_s - prefill_s: the API server's decode and processing, and the queue
+
+
+class ProfiledFollowup(msgspec.Struct):
+    case: str  # "recent video" (asked right after its questions) or "earlier video" (the first, asked last)
+    question: Question
+    profile: PrefillProfile
 
 
 class VariantResult(msgspec.Struct):
@@ -98,8 +105,7 @@ class VariantResult(msgspec.Struct):
     first_hit_fraction: float
     followup_hit_fraction: float
     ratio_to_stock: dict[str, float] = {}
-    profiled_question: Question | None = None  # with --profile
-    profile: PrefillProfile | None = None
+    profiled: list[ProfiledFollowup] = []  # with --profile
 
 
 class Report(RunFacts, kw_only=True):
@@ -163,11 +169,26 @@ async def ask_and_record(server, client, video: int, index: int, url: str, quest
                     int(delta[QUERIES]), server_ttft_s=delta[SERVER_TTFT], prefill_s=delta[PREFILL])
 
 
-async def ask_all(server, videos: list[Path], warmup: Path, args) -> tuple[list[Question], Question | None]:
-    """Every measured question, then (with --profile) the profiled follow-up."""
+async def profile_followups(server, client, videos: list[Path], args, profiles: Path) -> list[ProfiledFollowup]:
+    """One more follow-up about the last video (its encoder output still cached), then about the first (whose
+    output the later videos may have evicted from vLLM's encoder cache)."""
+    cases = {"recent video": len(videos) - 1, "earlier video": 0} if len(videos) > 1 else {"recent video": 0}
+    profiled = []
+    for case, v in cases.items():
+        print(f"  profiled, {case}:", flush=True)
+        seen = set(profiles.glob("*"))
+        await asyncio.to_thread(server.post, "/start_profile")
+        row = await ask_and_record(server, client, v, args.questions, data_url(videos[v]), PROFILED_QUESTION,
+                                   args.max_tokens)
+        await asyncio.to_thread(server.post, "/stop_profile")
+        profiled.append(ProfiledFollowup(case, row, prefill_profile(new_trace(profiles, seen))))
+    return profiled
+
+
+async def ask_all(server, videos: list[Path], warmup: Path, args, profiles: Path) -> tuple[list, list]:
+    """Every measured question, then (with --profile) the profiled follow-ups."""
     client = make_client(server)
     rows = []
-    profiled = None
     try:
         await ask(server, client, data_url(warmup), QUESTIONS[0], 1)  # first-request costs, not measured
         for v, path in enumerate(videos):
@@ -175,12 +196,7 @@ async def ask_all(server, videos: list[Path], warmup: Path, args) -> tuple[list[
             for q in range(args.questions):
                 rows.append(await ask_and_record(server, client, v, q, url, QUESTIONS[q % len(QUESTIONS)],
                                                  args.max_tokens))
-        if args.profile:
-            print("  profiled:", flush=True)
-            await asyncio.to_thread(server.post, "/start_profile")
-            profiled = await ask_and_record(server, client, 0, args.questions, data_url(videos[0]),
-                                            PROFILED_QUESTION, args.max_tokens)
-            await asyncio.to_thread(server.post, "/stop_profile")
+        profiled = await profile_followups(server, client, videos, args, profiles) if args.profile else []
     finally:
         await client.close()
     return rows, profiled
@@ -207,7 +223,7 @@ def bench_variant(name: str, checkpoint: Path, videos: list[Path], warmup: Path,
     server = start_variant(name, checkpoint, args.kv_cache_bytes, prefix_caching=True, logs=ARTIFACTS / "logs",
                            extra_args=extra_args)
     try:
-        rows, profiled = asyncio.run(ask_all(server, videos, warmup, args))
+        rows, profiled = asyncio.run(ask_all(server, videos, warmup, args, profiles))
         size = block_size(server)
     finally:
         server.stop()
@@ -225,7 +241,7 @@ def bench_variant(name: str, checkpoint: Path, videos: list[Path], warmup: Path,
         first_ttft_p50_s=first_ttft, followup_ttft_p50_s=followup_ttft,
         followup_to_first_ttft=followup_ttft / first_ttft,
         first_hit_fraction=hit_fraction(first), followup_hit_fraction=hit_fraction(followups),
-        profiled_question=profiled, profile=prefill_profile(profiles) if args.profile else None,
+        profiled=profiled,
     )
 
 
@@ -262,9 +278,9 @@ def followup_median(v: VariantResult, field: str, minus: str | None = None) -> f
 def print_table(variants: list[VariantResult]) -> None:
     print_ratio_table(variants, ROWS)
     for v in variants:
-        if v.profile is not None:
-            p = v.profile
-            print(f"\n{v.name}, profiled follow-up: prefill step {p.prefill_step_ms:.1f} ms for {p.prefill_tokens} "
+        for case in v.profiled:
+            p = case.profile
+            print(f"\n{v.name}, profiled follow-up, {case.case}: TTFT {case.question.ttft_s:.2f} s; prefill step {p.prefill_step_ms:.1f} ms for {p.prefill_tokens} "
                   f"tokens; {p.decode_steps} decode steps {p.decode_steps_ms:.1f} ms; video pooling ops: "
                   f"{p.pooling_ops or 'none'}")
             for op, ms in p.prefill_ops_ms.items():
@@ -324,7 +340,7 @@ def parse_args(argv=None):
     parser.add_argument("--questions", type=int, default=None, help="questions per video (default 4; quick 3)")
     parser.add_argument("--frames", type=int, default=None, help="frames per video (default 64; quick 16)")
     parser.add_argument("--profile", action="store_true",
-                        help="torch-profile the first follow-up in the engine (vLLM's --profiler-config)")
+                        help="torch-profile two more follow-ups in the engine (vLLM's --profiler-config)")
     add_report_options(parser, "followup_bench", "question")
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "full"
