@@ -16,13 +16,14 @@ benchmark's checkpoint and server flags (``serve_bench.start_variant`` with
   ``vllm:prefix_cache_queries_total`` deltas, and its own TTFT and prefill
   time (histogram sums) from ``/metrics``;
 - with ``--profile``, two more follow-ups under vLLM's torch profiler (not
-  in the medians): about the last video, whose encoder output vLLM's
-  encoder cache still holds, and about the first, whose output the later
-  videos evicted. Each records its prefill step by op, its decode steps,
-  and whether the video was encoded again (``engine_profile.py``).
+  in the medians): about the last video, right after its own questions,
+  and about the first, after the other videos. Each records its prefill
+  step by op, its decode steps, and whether the video was encoded again
+  (its encoder output no longer in vLLM's encoder cache;
+  ``engine_profile.py``).
 
 Writes ``benchmarks/results/followup_bench.json`` and ``followup_bench.png``.
-Usage: ``python benchmarks/followup_bench.py [--quick]``.
+Usage: ``python benchmarks/followup_bench.py [--quick] [--profile]``.
 """
 
 from __future__ import annotations
@@ -261,17 +262,17 @@ ROWS = (
     ("prompt tokens, first question", lambda v: v.questions[0].prompt_tokens, ",d"),
     ("TTFT first question p50, s", lambda v: v.first_ttft_p50_s, ".2f"),
     ("TTFT follow-ups p50, s", lambda v: v.followup_ttft_p50_s, ".2f"),
-    ("follow-up prefill p50, s", lambda v: followup_median(v, "prefill_s"), ".2f"),
-    ("follow-up pre-prefill p50, s", lambda v: followup_median(v, "server_ttft_s", "prefill_s"), ".3f"),
+    ("follow-up prefill p50, s", lambda v: followup_median(v, lambda r: r.prefill_s), ".2f"),
+    ("follow-up pre-prefill p50, s", lambda v: followup_median(v, lambda r: r.server_ttft_s - r.prefill_s), ".3f"),
     ("follow-up / first TTFT", lambda v: v.followup_to_first_ttft, ".3f"),
     ("cache hits, first questions", lambda v: v.first_hit_fraction, ".1%"),
     ("cache hits, follow-ups", lambda v: v.followup_hit_fraction, ".1%"),
 )
 
 
-def followup_median(v: VariantResult, field: str, minus: str | None = None) -> float:
-    """The follow-ups' median of a per-question timing (or of the difference of two)."""
-    values = [getattr(r, field) - (getattr(r, minus) if minus else 0.0) for r in v.questions if r.index > 0]
+def followup_median(v: VariantResult, get) -> float:
+    """The median over the follow-ups of ``get(question)``."""
+    values = [get(r) for r in v.questions if r.index > 0]
     return statistics.median(values) if values else 0.0
 
 
@@ -280,9 +281,10 @@ def print_table(variants: list[VariantResult]) -> None:
     for v in variants:
         for case in v.profiled:
             p = case.profile
-            print(f"\n{v.name}, profiled follow-up, {case.case}: TTFT {case.question.ttft_s:.2f} s; prefill step {p.prefill_step_ms:.1f} ms for {p.prefill_tokens} "
-                  f"tokens; {p.decode_steps} decode steps {p.decode_steps_ms:.1f} ms; video pooling ops: "
-                  f"{p.pooling_ops or 'none'}")
+            print(f"\n{v.name}, profiled follow-up, {case.case}: TTFT {case.question.ttft_s:.2f} s; "
+                  f"prefill step {p.prefill_step_ms:.1f} ms for {p.prefill_tokens} tokens; "
+                  f"{p.decode_steps} decode steps {p.decode_steps_ms:.1f} ms; "
+                  f"video pooling ops: {p.pooling_ops or 'none'}")
             for op, ms in p.prefill_ops_ms.items():
                 print(f"    {ms:9.2f} ms  {op}")
 
