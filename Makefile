@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile patches/vllm_stgridpool_boot.pth
 	$(BIN)/pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -m vllm_stgridpool.compat.install
 	@# The stage's CPU kernels, built once per machine now rather than in the first engine (about 20 s).
-	$(BIN)/python -m vllm_stgridpool.native
+	$(BIN)/python -m vllm_stgridpool.stage.cpu_kernels
 	@# CPU defaults for this venv: a KV cache vLLM can allocate on a 2-core/24 GiB machine
 	@# (its 92%-of-memory default fails when anything else runs), and the llava-video alias.
 	grep -q VLLM_CPU_KVCACHE_SPACE $(BIN)/activate || printf '%s\n' \

@@ -112,7 +112,7 @@ def make_loaders() -> dict:
     """name -> ``load(data, num_frames) -> frames``."""
     from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 
-    from vllm_stgridpool.video_loader import PyAVVideoLoader
+    from vllm_stgridpool.video.loader import PyAVVideoLoader
 
     def plugin_loader(pool_size: str):
         def load(data: bytes, num_frames: int):
@@ -178,8 +178,8 @@ def measure_peak_rss_growth(loader_name: str, video_path: str, num_frames: int) 
     workers: list[int] = []
     if loader_name == "pool":  # start the worker first: its start-up is not decoding
         load(data, 1)
-        from vllm_stgridpool.video_limits import VideoLimits
-        from vllm_stgridpool.video_loader import shared_decode_pool
+        from vllm_stgridpool.video.limits import VideoLimits
+        from vllm_stgridpool.video.loader import shared_decode_pool
 
         workers = [str(pid) for pid in shared_decode_pool(VideoLimits.from_env()).worker_pids()]
     for pid in ["self", *workers]:
@@ -200,8 +200,8 @@ def peak_rss_growth_mib(loader_name: str, video_path: Path, num_frames: int) -> 
 
 def worker_cpu_seconds() -> float:
     """CPU seconds the decode pool's workers have used (all their threads)."""
-    from vllm_stgridpool.video_limits import VideoLimits
-    from vllm_stgridpool.video_loader import shared_decode_pool
+    from vllm_stgridpool.video.limits import VideoLimits
+    from vllm_stgridpool.video.loader import shared_decode_pool
 
     os.environ["STGRIDPOOL_VIDEO_DECODE_WORKERS"] = POOL_WORKERS
     total = 0.0

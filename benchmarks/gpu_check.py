@@ -233,8 +233,8 @@ def timings(device, dry_run, repeats, bandwidth) -> list[dict]:
     import torch
 
     from vllm_stgridpool import STGridPoolConfig
-    from vllm_stgridpool.plan import make_plan
-    from vllm_stgridpool.triton_stage import launches
+    from vllm_stgridpool.stage.plan import make_plan
+    from vllm_stgridpool.stage.triton_stage import launches
 
     config = STGridPoolConfig()
     cases = ([(16, 32, "float32", 1), (16, 32, "bfloat16", 2)] if dry_run

@@ -7,7 +7,7 @@ D=896 float32 and D=3584 bfloat16. Variants, timed side by side in one run:
   real method called unbound; it reads nothing from ``self`` but
   ``config.vision_config.image_size`` / ``patch_size``, so a plain stand-in
   object carries those two numbers.
-- eager: ``st_gridpool`` as is: on CPU, the fused kernels of ``native.py``.
+- eager: ``st_gridpool`` as is: on CPU, the fused kernels of ``cpu_kernels.py``.
 - compiled: ``torch.compile(st_gridpool, fullgraph=True)``, timed after warm-up
   (on CPU the eager stage as one opaque op, the compiler's own code elsewhere).
 - eager, PyTorch ops: ``st_gridpool`` with the fused kernels off, the path
@@ -59,9 +59,10 @@ sys.path.insert(0, ROOT)  # tests.support: the float64 reference and the peak-me
 from tests.support.memory_peak import peak_bytes  # noqa: E402
 from tests.support.reference_stgridpool import st_gridpool_reference  # noqa: E402
 
-from vllm_stgridpool import STGridPoolConfig, native, st_gridpool  # noqa: E402
-from vllm_stgridpool.plan import PoolFrames, PoolMosaics, Resize, chunk_frames, make_plan  # noqa: E402
-from vllm_stgridpool.stage_cost import stage_cost  # noqa: E402
+from vllm_stgridpool import STGridPoolConfig, st_gridpool
+from vllm_stgridpool.stage import cpu_kernels  # noqa: E402
+from vllm_stgridpool.stage.plan import PoolFrames, PoolMosaics, Resize, chunk_frames, make_plan  # noqa: E402
+from vllm_stgridpool.stage.cost import stage_cost  # noqa: E402
 
 NUM_FRAMES = 64
 GRID = 27
@@ -139,7 +140,7 @@ def stock_pooling():
 
 def ops_path(fn, *args):
     """``fn`` on the PyTorch-ops path, the one every device but the CPU takes (the fused CPU kernels off)."""
-    with native.disabled():
+    with cpu_kernels.disabled():
         return fn(*args)
 
 

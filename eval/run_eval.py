@@ -113,7 +113,7 @@ class Geometry:
 
     def stgridpool_tokens(self, frames: int, request: dict | None) -> int:
         """ST-GridPool's video tokens, under a request's kernel and budget (the budget rule of README.md)."""
-        from vllm_stgridpool.budget import fit_video
+        from vllm_stgridpool.serving.budget import fit_video
 
         request = request or {}
         fit = fit_video(

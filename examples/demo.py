@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from openai import OpenAI
 
     from vllm_stgridpool_testing.launch import start_server
-    from vllm_stgridpool.metrics import read_counter
+    from vllm_stgridpool.serving.metrics import read_counter
 
     folder = ARTIFACTS / "demo"
     _, default_video, redirect = prepare_local_assets(folder)

@@ -35,7 +35,7 @@ HALF_A_CPU = 0.5
 
 def decode(row: dict, max_frames: int) -> dict:
     """One row per video: ``max_frames`` frames sampled as the engine's own loader would."""
-    from vllm_stgridpool.video_loader import PyAVVideoLoader
+    from vllm_stgridpool.video.loader import PyAVVideoLoader
 
     frames, _ = PyAVVideoLoader.load_bytes(Path(row["path"]).read_bytes(), num_frames=max_frames)
     return {

@@ -62,13 +62,13 @@ def mp4_factory(tmp_path_factory):
 @pytest.fixture(params=["fused", "ops"])
 def nsp_path(request):
     """Runs a test on the fused CPU kernel and on the PyTorch-ops path (the path of every other device)."""
-    from vllm_stgridpool import native
+    from vllm_stgridpool.stage import cpu_kernels
 
     if request.param == "ops":
-        with native.disabled():
+        with cpu_kernels.disabled():
             yield request.param
     else:
-        if native.load() is None:
+        if cpu_kernels.load() is None:
             pytest.skip("the fused CPU kernel could not be built here (tests/test_native.py says why)")
         yield request.param
 

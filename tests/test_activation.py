@@ -7,9 +7,9 @@ import types
 import pytest
 
 from vllm_stgridpool import STGridPoolConfig
-from vllm_stgridpool.activation import settings_for
-from vllm_stgridpool.config_rows import config_from_row, config_to_row
-from vllm_stgridpool.request_rules import RequestSettings, StageShape, check_num_frames, request_settings
+from vllm_stgridpool.serving.activation import settings_for
+from vllm_stgridpool.serving.config_rows import config_from_row, config_to_row
+from vllm_stgridpool.serving.request_rules import RequestSettings, StageShape, check_num_frames, request_settings
 from vllm_stgridpool.config import STGridPoolSettings
 from vllm_stgridpool.plugin import UnsupportedVLLMVersion, check_vllm_version
 

@@ -1,4 +1,4 @@
-"""The video-token budget rule (``vllm_stgridpool.budget``), checked against a brute-force reading of it."""
+"""The video-token budget rule (``vllm_stgridpool.serving.budget``), checked against a brute-force reading of it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_stgridpool.budget import fit_video, sample_frames
+from vllm_stgridpool.serving.budget import fit_video, sample_frames
 from vllm_stgridpool.config import STGridPoolConfigError
 
 

@@ -291,7 +291,7 @@ def test_p5_unreachable_url_is_a_client_error():
     ],
 )
 def test_p5_video_options_are_checked(options, words):
-    from vllm_stgridpool.video_loader import register_video_loader
+    from vllm_stgridpool.video.loader import register_video_loader
 
     register_video_loader()
     with pytest.raises(ValueError, match=words):

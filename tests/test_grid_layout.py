@@ -110,7 +110,7 @@ def test_model_embeds_videos_in_the_grid_layout(frames, kernel):
 
 def test_model_keeps_each_videos_own_config_in_one_batch():
     """Two videos, two kernels (per-request settings), one call: each in its own grid."""
-    from vllm_stgridpool.config_rows import config_to_row
+    from vllm_stgridpool.serving.config_rows import config_to_row
 
     model = model_stand_in(STGridPoolSettings(), "grid")
     videos = [torch.randn(t, SIDE * SIDE, 8, dtype=torch.float64) for t in (4, 6)]

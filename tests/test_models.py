@@ -7,7 +7,7 @@ import types
 import torch
 
 from vllm_stgridpool import STGridPoolConfig, st_gridpool
-from vllm_stgridpool.config_rows import config_to_row
+from vllm_stgridpool.serving.config_rows import config_to_row
 from vllm_stgridpool.config import STGridPoolSettings
 from vllm_stgridpool.models.common import pool_videos, video_configs
 from vllm_stgridpool.models.llava_next_video import STGridPoolLlavaNextVideoForConditionalGeneration as NextVideo

@@ -1,4 +1,4 @@
-"""The fused CPU kernels (vllm_stgridpool/native.py, csrc/): NSP, the area resize, and the plan run in one call.
+"""The fused CPU kernels (vllm_stgridpool/stage/cpu_kernels.py, csrc/): NSP, the area resize, and the plan run in one call.
 
 Expected values come from the plain per-window reference in float64 and
 from the PyTorch-ops path; the kernel must be built wherever a C++
@@ -15,8 +15,19 @@ import torch
 
 from tests.support.reference_stgridpool import nsp as reference_nsp
 
-from vllm_stgridpool import STGridPoolConfig, native, st_gridpool
-from vllm_stgridpool.ops import norm_pool
+from vllm_stgridpool import STGridPoolConfig, st_gridpool
+from vllm_stgridpool.stage import cpu_kernels
+from vllm_stgridpool.stage import backend, torch_ops
+from vllm_stgridpool.stage.plan import PoolFrames, PoolMosaics, Resize
+
+
+def norm_pool(x, kernel_size, temperature, norm_p):
+    """NSP of (..., H, W, D) ``x`` by the fused kernel alone, into a fresh output."""
+    height, width, dim = x.shape[-3:]
+    k = kernel_size
+    out = x.new_empty(*x.shape[:-3], (height - k) // k + 1, (width - k) // k + 1, dim)
+    cpu_kernels.norm_pool_into(x, out, kernel_size, temperature, norm_p)
+    return out
 
 
 def randn(*shape, seed, dtype=torch.float64, scale=1.0):
@@ -27,12 +38,12 @@ def randn(*shape, seed, dtype=torch.float64, scale=1.0):
 def test_kernel_is_built_where_a_compiler_exists():
     if not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("no C++ compiler: the PyTorch-ops path serves")
-    assert native.load() is not None
-    assert native.applies("cpu", torch.float32) and native.applies("cpu", torch.bfloat16)
-    assert not native.applies("meta", torch.float32)
-    assert not native.applies("cpu", torch.float16)  # float16 keeps the PyTorch-ops path
+    assert cpu_kernels.load() is not None
+    assert cpu_kernels.applies("cpu", torch.float32) and cpu_kernels.applies("cpu", torch.bfloat16)
+    assert not cpu_kernels.applies("meta", torch.float32)
+    assert not cpu_kernels.applies("cpu", torch.float16)  # float16 keeps the PyTorch-ops path
     x = torch.zeros(2, 4, 4, 3)
-    assert native.pools(x, x, 2.0) and not native.pools(x, x, 3.0)  # so do norms other than 1 and 2
+    assert cpu_kernels.takes_call(x[None], 2.0) and not cpu_kernels.takes_call(x[None], 3.0)  # so do norms other than 1 and 2
 
 
 # Channel counts: a few (the scalar loop only), and blocks of vectors taken two at a time, then one, plus a
@@ -45,7 +56,7 @@ CHANNELS = [7, 125]
 @pytest.mark.parametrize("temperature, norm_p", [(1.0, 2.0), (-2.5, 1.0), (0.0, 2.0), (30.0, 2.0), (-1e6, 1.0)])
 def test_float64_equals_the_reference(kernel_size, temperature, norm_p, dim):
     x = randn(3, 11, 13, dim, seed=kernel_size)
-    assert native.pools(x, x, norm_p)
+    assert cpu_kernels.takes_call(x[None], norm_p)
     got = norm_pool(x, kernel_size, temperature, norm_p)
     want = reference_nsp(x, kernel_size, temperature, norm_p)
     assert got.shape == want.shape
@@ -73,10 +84,9 @@ def test_strided_views_are_read_and_written_in_place():
     view = video[1:5, 2:, 1:28]  # (4, 25, 27, 16), D still innermost
     big = torch.full((4, 15, 16, 16), 7.0)
     out = big[:, 1:13, 2:15]  # (4, 12, 13, 16) inside a larger tensor
-    assert native.pools(view, out, 2.0)
-    native.norm_pool_into(view, out, 2, 1.0, 2.0)
-    with native.disabled():
-        want = norm_pool(view, 2, 1.0, 2.0)
+    assert cpu_kernels.takes_call(view[None], 2.0)
+    cpu_kernels.norm_pool_into(view, out, 2, 1.0, 2.0)
+    want = torch_ops.norm_pool(view, 2, 1.0, 2.0)
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
     untouched = torch.ones_like(big, dtype=torch.bool)
     untouched[:, 1:13, 2:15] = False
@@ -86,9 +96,9 @@ def test_strided_views_are_read_and_written_in_place():
 
 def test_d_not_innermost_takes_the_ops_path():
     x = randn(2, 8, 8, 6, seed=5, dtype=torch.float32).transpose(-1, -2)  # stride(-1) != 1
-    out = torch.empty(2, 4, 3, 8)
-    assert not native.pools(x, out, 2.0)
-    torch.testing.assert_close(norm_pool(x, 2, 1.0, 2.0), reference_nsp(x.double(), 2, 1.0, 2.0).float())
+    assert backend.for_call(x[None], 2.0) == backend.TORCH
+    torch.testing.assert_close(st_gridpool(x, STGridPoolConfig(grid_sizes=(), grid_strides=())),
+                               reference_nsp(x.double(), 2, 1.0, 2.0).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -113,7 +123,7 @@ def test_area_resize_of_extreme_features_is_finite(dtype):
     x[:, :, 10] = -largest
     x[0, 0, [3, 41]] = float("nan")
     out = torch.empty(14, 14, 45, dtype=dtype)
-    native.area_resize_into(x, [out], 14, 14)
+    cpu_kernels.area_resize_into(x, [out], 14, 14)
     assert out[0, 0, [3, 41]].eq(0).all()
     assert out[..., 10].eq(-largest).all()
     out[0, 0, [3, 41]] = largest
@@ -125,18 +135,18 @@ def test_a_failed_build_warns_once_and_the_stage_serves(monkeypatch, caplog):
     def no_compiler():
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(native, "_build", no_compiler)
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_kernels", None)
+    monkeypatch.setattr(cpu_kernels, "_build", no_compiler)
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_kernels", None)
     x = randn(8, 27, 27, 4, seed=6)
     cfg = STGridPoolConfig()
-    with caplog.at_level(logging.WARNING, logger=native.__name__):
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
         first = st_gridpool(x, cfg)
         second = st_gridpool(x, cfg)
     warnings = [r for r in caplog.records if "could not be built" in r.getMessage()]
     assert len(warnings) == 1 and "no C++ compiler found" in warnings[0].getMessage()
     assert torch.equal(first, second)
-    with native.disabled():
+    with cpu_kernels.disabled():
         assert torch.equal(first, st_gridpool(x, cfg))
 
 
@@ -158,8 +168,7 @@ def test_area_resize_is_area_interpolation_bit_for_bit(dtype, dim):
                     want = F.interpolate(x.permute(2, 0, 1)[None], size=(out_h, out_w), mode="area")[0].permute(1, 2, 0)
                     canvas = torch.full((out_h + 1, 2 * out_w + 1, dim), 7.0, dtype=dtype)
                     whole, cropped = canvas[:out_h, :out_w], canvas[1:, out_w + 1 : 2 * out_w]
-                    assert native.resizes(x[None])
-                    native.area_resize_into(x, [whole, cropped], out_h, out_w)
+                    cpu_kernels.area_resize_into(x, [whole, cropped], out_h, out_w)
                     assert torch.equal(whole, want) and torch.equal(cropped, want[:, : out_w - 1])
                     written = torch.zeros(canvas.shape[:2], dtype=torch.bool)
                     written[:out_h, :out_w] = written[1:, out_w + 1 : 2 * out_w] = True
@@ -177,19 +186,42 @@ def test_area_resize_is_area_interpolation_bit_for_bit(dtype, dim):
         ((), (), 2, torch.float32, False),  # NSP only
     ],
 )
-def test_run_plan_is_the_step_by_step_walk(monkeypatch, sizes, strides, kernel_size, dtype, mosaics_only):
-    """One run_plan call per video gives, bit for bit, what ops.py's walk of the same plan gives calling
+def test_run_plan_is_the_step_by_step_walk(sizes, strides, kernel_size, dtype, mosaics_only):
+    """One run_plan call per video gives, bit for bit, what a walk of the same plan in Python gives calling
     the same kernels step by step (so the program encodes every step, place and buffer)."""
-    from vllm_stgridpool import ops
-    from vllm_stgridpool.plan import make_plan
+    from vllm_stgridpool.stage.plan import make_plan
 
     config = STGridPoolConfig(grid_sizes=sizes, grid_strides=strides, kernel_size=kernel_size)
     videos = randn(2, 24, 27, 25, 45, seed=11, dtype=dtype)
     plan = make_plan(24, 27, 25, config, 3)
-    args = (videos, plan, config.temperature, config.norm_p, mosaics_only)
-    assert native.runs_plan(videos[0], config.norm_p)
-    whole = ops.apply_plan(*args)
-    monkeypatch.setattr(native, "runs_plan", lambda frames, norm_p: False)
-    by_step = ops.apply_plan(*args)
+    assert backend.for_call(videos, config.norm_p) == backend.CPU_KERNELS
+    rows = len(plan.replaced) if mosaics_only else 24
+    whole = videos.new_empty(2, rows, *plan.out_grid, 45)
+    by_step = torch.zeros_like(whole)
+    pool = (kernel_size, config.temperature, config.norm_p)
+    for frames, pooled, walked in zip(videos, whole, by_step):
+        cpu_kernels.run_plan(frames, pooled, frames.new_empty(plan.num_slots, 27, 25, 45), plan, *pool,
+                             mosaics_only=mosaics_only)
+        _walk_with_kernels(frames, plan, walked, pool, mosaics_only)
     assert whole.shape == (2, len(plan.replaced) if mosaics_only else 24, *plan.out_grid, 45)
     assert torch.equal(whole, by_step)
+
+
+def _walk_with_kernels(frames, plan, pooled, pool, mosaics_only):
+    """``plan``'s steps walked in Python, one kernel call per pooling or tile (what run_plan does in C++)."""
+    mosaics = [frames.new_zeros(frames.shape[1:]) for _ in plan.slots]
+    for step in plan.steps:
+        if isinstance(step, PoolFrames) and not mosaics_only:
+            cpu_kernels.norm_pool_into(frames[step.start : step.stop], pooled[step.start : step.stop], *pool)
+        elif isinstance(step, Resize):
+            for source, places in zip(step.sources, step.places):
+                frame = frames[source] if step.from_input else mosaics[source]
+                views = [mosaics[p.mosaic][p.top : p.top + p.rows, p.left : p.left + p.cols] for p in places]
+                if tuple(frame.shape[:2]) == step.size:  # a one-frame mosaic is the frame itself
+                    for view in views:
+                        view.copy_(frame[: view.shape[0], : view.shape[1]])
+                else:
+                    cpu_kernels.area_resize_into(frame, views, *step.size)
+        elif isinstance(step, PoolMosaics):
+            for mosaic, frame in zip(step.mosaics, step.frames):
+                cpu_kernels.norm_pool_into(mosaics[mosaic], pooled[plan.pooled_row(frame, mosaics_only)], *pool)

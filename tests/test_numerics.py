@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from tests.support.reference_stgridpool import ptg, ptg_level, st_gridpool_reference
 
 from vllm_stgridpool import STGridPoolConfig, st_gridpool
-from vllm_stgridpool import native
+from vllm_stgridpool.stage import cpu_kernels
 from vllm_stgridpool.config import (
     MAX_ABS_TEMPERATURE,
     MAX_GRID_SIZE,
@@ -183,7 +183,7 @@ def test_any_accepted_setting_is_finite(case):
     """Property: over the whole accepted space, adversarial features in float32, bfloat16 and float16 stay finite."""
     config, shape, dtype, seed = case
     assert_finite(config, adversarial(shape, dtype, seed))
-    with native.disabled():  # the PyTorch-ops path, every other device's
+    with cpu_kernels.disabled():  # the PyTorch-ops path, every other device's
         assert_finite(config, adversarial(shape, dtype, seed))
 
 

@@ -24,9 +24,9 @@ from tests.support.reference_stgridpool import (
 )
 
 from vllm_stgridpool import STGridPoolConfig, st_gridpool
-from vllm_stgridpool import plan as plan_module
-from vllm_stgridpool import native
-from vllm_stgridpool.stage_cost import stage_cost
+from vllm_stgridpool.stage import plan as plan_module
+from vllm_stgridpool.stage import cpu_kernels
+from vllm_stgridpool.stage.cost import stage_cost
 
 P_VALUES = (0.5, 1.0, 2.0, 3.0, 2.5)
 
@@ -88,7 +88,7 @@ def cases(draw):
 
 
 # NSP runs in the fused CPU kernel where it applies, else as PyTorch ops (every other device): both are checked.
-NSP_PATHS = {"fused": contextlib.nullcontext, "ops": native.disabled}
+NSP_PATHS = {"fused": contextlib.nullcontext, "ops": cpu_kernels.disabled}
 
 PAPER_16 = dict(T=16, H=27, W=27, D=4, grid_sizes=[4, 4, 4], grid_strides=[2, 4, 8],
                 kernel_size=2, temperature=1.0, norm_p=2.0, seed=1)
@@ -601,7 +601,7 @@ def test_stage_cost_bounds_the_stage(values, dtype, shape):
     with torch.inference_mode():
         st_gridpool(x, cfg)  # warm: plan cached, lazy imports done, kernel built
         fused_peak = peak_bytes(lambda: st_gridpool(x, cfg))
-        with native.disabled():
+        with cpu_kernels.disabled():
             st_gridpool(x, cfg)
             peak = peak_bytes(lambda: st_gridpool(x, cfg))
             with CountMoved(shape[-1]) as counted:

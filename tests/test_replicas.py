@@ -105,7 +105,7 @@ def text_tokens(checkpoint) -> int:
 
 def decoded_frames(video):
     """All frames of the mp4, as the server decodes them (its video loader; 64 of 64 frames sampled)."""
-    from vllm_stgridpool.video_loader import PyAVVideoLoader
+    from vllm_stgridpool.video.loader import PyAVVideoLoader
 
     frames, metadata = PyAVVideoLoader.load_bytes(video.read_bytes(), num_frames=FRAMES)
     assert metadata["total_num_frames"] == FRAMES and len(frames) == FRAMES

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vllm_stgridpool.config import STGridPoolConfig
-from vllm_stgridpool.stage_cost import stage_cost
+from vllm_stgridpool.stage.cost import stage_cost
 
 PROMPT = "<|im_start|>user\n<video>\nWhat happens?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -84,7 +84,7 @@ def test_different_settings_never_share_a_cache_key(processor, frames, left, rig
 
 def test_the_canonical_form_carries_the_request_config_to_the_model(processor, frames):
     """The per-video field the model reads holds the resolved config."""
-    from vllm_stgridpool.config_rows import config_from_row
+    from vllm_stgridpool.serving.config_rows import config_from_row
 
     result = process(processor, frames, {"temperature": 3, "kernel_size": 3})
     row = result["mm_kwargs"]["video"][0]["stgridpool_config"].data
@@ -116,7 +116,7 @@ def test_settings_beyond_the_server_are_refused_in_the_processor(processor, fram
 
 def test_the_stage_cost_cap_is_what_the_server_profiled(processor):
     """The default setting at max_frames passes its own cap; a denser pyramid at the same kernel does not."""
-    from vllm_stgridpool.request_rules import check_request_cost
+    from vllm_stgridpool.serving.request_rules import check_request_cost
 
     shape = processor.info.stage_shape()
     assert shape.max_frames == 64 and (shape.height, shape.width) == (27, 27)
@@ -137,7 +137,7 @@ def test_no_pyramid_is_never_refused_as_costlier(processor, norm_p):
     On the tiny checkpoint (D = 64) a norm other than 1 or 2 pools a 44-frame
     segment in one step, whose scaled copy passes the pyramid's peak.
     """
-    from vllm_stgridpool.request_rules import check_request_cost
+    from vllm_stgridpool.serving.request_rules import check_request_cost
 
     shape = processor.info.stage_shape()
     server = STGridPoolConfig()
@@ -225,7 +225,7 @@ def test_p6_passes_arguments_it_does_not_read_on_to_vllm(monkeypatch):
 )
 def test_a_request_budget_picks_frames_and_kernel_the_model_sees(processor, num_frames, budget, kept, kernel):
     """Placeholders, the frames handed to the vision tower and the kernel row all follow one choice."""
-    from vllm_stgridpool.config_rows import config_from_row
+    from vllm_stgridpool.serving.config_rows import config_from_row
 
     video = np.random.default_rng(num_frames).integers(0, 256, (num_frames, 64, 80, 3), dtype=np.uint8)
     result = process(processor, video, {"max_video_tokens": budget})

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from tests.support.servers import cpu_server_args
 from vllm_stgridpool_testing.launch import start_server
-from vllm_stgridpool.metrics import read_counter
+from vllm_stgridpool.serving.metrics import read_counter
 
 pytestmark = pytest.mark.engine
 
@@ -223,7 +223,7 @@ def test_settings_at_the_limits_are_served_with_finite_logprobs(client, mp4_fact
 @pytest.fixture(scope="module")
 def decoded(mp4_factory):
     """The frames the server decodes from an 8-frame mp4 (same loader, same sampling)."""
-    from vllm_stgridpool.video_loader import PyAVVideoLoader
+    from vllm_stgridpool.video.loader import PyAVVideoLoader
 
     path = mp4_factory(8)
     frames, _ = PyAVVideoLoader.load_bytes(path.read_bytes(), num_frames=64)

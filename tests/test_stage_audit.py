@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_leaves
 
 from vllm_stgridpool import STGridPoolConfig, st_gridpool
-from vllm_stgridpool.plan import make_plan
+from vllm_stgridpool.stage.plan import make_plan
 
 triton = pytest.importorskip("triton")
 
@@ -135,7 +135,7 @@ class AllocatedBytes(TorchDispatchMode):
 def test_the_cost_model_counts_what_the_triton_path_holds(values, launch_counter):
     """stage_cost's CUDA figure (every mosaic at once, what request_rules compares on CUDA) is what the
     Triton path allocates, to the byte; a dense pyramid holds many times the PyTorch-ops path's buffers."""
-    from vllm_stgridpool.stage_cost import stage_cost
+    from vllm_stgridpool.stage.cost import stage_cost
 
     config = STGridPoolConfig.from_dict(values)
     x = torch.randn(32, 27, 27, 8)

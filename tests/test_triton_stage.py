@@ -1,4 +1,4 @@
-"""The Triton stage (vllm_stgridpool/triton_stage.py, triton_kernels.py) and the backend choice (backend.py).
+"""The Triton stage (vllm_stgridpool/stage/triton_stage.py, triton_kernels.py) and the backend choice (backend.py).
 
 The kernels run here on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), the code a
 GPU compiles; one test compiles them for two CUDA architectures with the ptxas Triton ships. Expected
@@ -23,8 +23,9 @@ import torch
 from tests.support.reference_stgridpool import nsp as reference_nsp
 from tests.support.reference_stgridpool import ptg, ptg_level, st_gridpool_reference
 
-from vllm_stgridpool import STGridPoolConfig, backend, native, st_gridpool
-from vllm_stgridpool.plan import make_plan
+from vllm_stgridpool import STGridPoolConfig, st_gridpool
+from vllm_stgridpool.stage import backend, cpu_kernels
+from vllm_stgridpool.stage.plan import make_plan
 
 pytest.importorskip("triton")
 
@@ -205,7 +206,7 @@ COMPILE_FOR_CUDA = textwrap.dedent("""
     import inspect, triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from vllm_stgridpool.triton_kernels import stage_level_kernel as kernel
+    from vllm_stgridpool.stage.triton_kernels import stage_level_kernel as kernel
     names = list(inspect.signature(kernel.fn).parameters)
     pointer = {tl.float32: "*fp32", tl.float64: "*fp64", tl.bfloat16: "*bf16", tl.float16: "*fp16"}
     # The launcher passes ints equal to 1 (D's stride, tiny grids) and Triton makes them constants: the third
@@ -268,17 +269,17 @@ def test_a_choice_the_device_cannot_run_is_refused_with_the_reason(monkeypatch):
 
 
 def test_torch_backend_keeps_the_cpu_kernels_out(monkeypatch):
-    """``torch`` is the PyTorch-ops path on CPU too: the same bits as native.disabled(), no kernel call."""
+    """``torch`` is the PyTorch-ops path on CPU too: the same bits as cpu_kernels.disabled(), no kernel call."""
     monkeypatch.setenv("STGRIDPOOL_STAGE_BACKEND", "torch")
     x = randn(16, 9, 8, 8, seed=12, dtype=torch.float32)
-    with native.disabled():
+    with cpu_kernels.disabled():
         want = st_gridpool(x, config())
 
     def refuse(*args, **kwargs):
         raise AssertionError("the CPU kernels ran")
 
-    monkeypatch.setattr(native, "run_plan", refuse)
-    monkeypatch.setattr(native, "norm_pool_into", refuse)
+    monkeypatch.setattr(cpu_kernels, "run_plan", refuse)
+    monkeypatch.setattr(cpu_kernels, "norm_pool_into", refuse)
     assert torch.equal(st_gridpool(x, config()), want)
 
 
@@ -318,7 +319,7 @@ def test_a_server_runs_the_chosen_backend_and_logs_it_once(onevision_checkpoint,
 
 def test_launches_follow_the_levels():
     """Launch l resizes level l's tiles; a row is pooled in the first launch after its value is complete."""
-    from vllm_stgridpool.triton_stage import launches
+    from vllm_stgridpool.stage.triton_stage import launches
 
     plan = make_plan(16, 27, 27, config())  # the spec's worked example: two levels build mosaics
     steps = launches(plan)

@@ -30,7 +30,7 @@ SERVE_ARGS = ("--plugins", "stgridpool", *cpu_server_args())
 FRAME_TOKENS = 169  # 27 x 27 patches pooled with kernel 2: 13 x 13
 REFUSAL_SECONDS = 2.0
 RSS_RISE_BOUND = 200 * 2**20
-DECODE_WORKER = "vllm_stgridpool.decode_pool"
+DECODE_WORKER = "vllm_stgridpool.video.decode_pool"
 
 
 def data_url(payload: bytes) -> str:

@@ -18,7 +18,7 @@ import pytest
 from vllm import envs
 from vllm.multimodal.media import ImageMediaIO, MediaConnector, VideoMediaIO
 from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
-from vllm_stgridpool.video_loader import LOADER_NAME, LOADER_NAMES, PyAVVideoLoader, register_video_loader
+from vllm_stgridpool.video.loader import LOADER_NAME, LOADER_NAMES, PyAVVideoLoader, register_video_loader
 
 from tests.support.hostile_videos import offsets_past_the_end
 
@@ -178,7 +178,7 @@ def test_offsets_past_the_end_are_a_clear_error_not_a_crash(videos):
     data = offsets_past_the_end(videos["40f_160x120_30fps"])
     code = (
         "import sys\n"
-        "from vllm_stgridpool.video_loader import PyAVVideoLoader\n"
+        "from vllm_stgridpool.video.loader import PyAVVideoLoader\n"
         "try:\n"
         "    PyAVVideoLoader.load_bytes(sys.stdin.buffer.read(), num_frames=8)\n"
         "except ValueError as error:\n"
@@ -381,8 +381,8 @@ def test_limits_are_not_request_options(monkeypatch):
 
 
 def pool():
-    from vllm_stgridpool.video_limits import VideoLimits
-    from vllm_stgridpool.video_loader import shared_decode_pool
+    from vllm_stgridpool.video.limits import VideoLimits
+    from vllm_stgridpool.video.loader import shared_decode_pool
 
     return shared_decode_pool(VideoLimits.from_env())
 
@@ -405,7 +405,7 @@ def test_budget_waits_its_turn_then_answers_busy():
     import threading
     import time
 
-    from vllm_stgridpool.decode_pool import DecodeBudget, DecoderBusy
+    from vllm_stgridpool.video.decode_pool import DecodeBudget, DecoderBusy
 
     budget = DecodeBudget(100)
     with budget.reserve(60, time.monotonic() + 1):

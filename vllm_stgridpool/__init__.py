@@ -16,7 +16,7 @@ def __getattr__(name: str):
 
         return STGridPoolConfig
     if name == "st_gridpool":
-        from vllm_stgridpool.ops import st_gridpool
+        from vllm_stgridpool.stage import st_gridpool
 
         return st_gridpool
     raise AttributeError(f"module 'vllm_stgridpool' has no attribute {name!r}")

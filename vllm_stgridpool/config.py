@@ -19,7 +19,7 @@ MAX_LEVELS = 8
 MAX_GRID_SIZE = 64
 MAX_GRID_STRIDE = 1024
 MAX_KERNEL_SIZE = 32
-# Numeric ranges, from the maths of the score (see ops._scores). Any finite
+# Numeric ranges, from the maths of the score (see torch_ops._scores). Any finite
 # value would give finite outputs; these bounds keep only values that mean
 # something and that float32 computes accurately.
 # - norm_p: the p-mean of a token's |x_i| tends to their geometric mean as
@@ -126,7 +126,7 @@ class STGridPoolSettings(msgspec.Struct, frozen=True):
     to), ``allow_request_overrides`` (whether ``mm_processor_kwargs`` may
     change the operator's parameters per request) and the video-token budget
     (``max_video_tokens``, ``min_frames``, ``max_kernel_size``; see
-    :mod:`vllm_stgridpool.budget`).
+    :mod:`vllm_stgridpool.serving.budget`).
     """
 
     pool: STGridPoolConfig = msgspec.field(default_factory=STGridPoolConfig)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 
 from vllm_stgridpool import envs
-from vllm_stgridpool.families import FAMILIES
+from vllm_stgridpool.models.families import FAMILIES
 from vllm_stgridpool.compat import (
     Feature,
     Guard,
@@ -81,7 +81,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm_stgridpool.activation import named_in_vllm_plugins
+    from vllm_stgridpool.serving.activation import named_in_vllm_plugins
 
     version = vllm_version()
     reason = refusal(version)
@@ -108,7 +108,7 @@ def register() -> None:
     for architecture, family in FAMILIES.items():
         ModelRegistry.register_model(architecture, family.model_class)
     _register_frame_sampling_default(SAFE_LOADER_BY_DEFAULT.applies(version))
-    from vllm_stgridpool.video_loader import register_video_loader
+    from vllm_stgridpool.video.loader import register_video_loader
 
     register_video_loader()
     _registered = True
@@ -152,9 +152,9 @@ def default_num_frames(settings, model_config, extra_tokens: int) -> int:
 def _frame_sampling_hook(previous, extra_tokens: int, safe_loader_by_default: bool):
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-    from vllm_stgridpool.activation import settings_for
+    from vllm_stgridpool.serving.activation import settings_for
     from vllm_stgridpool.compat import request_trust
-    from vllm_stgridpool.video_loader import LOADER_NAME
+    from vllm_stgridpool.video.loader import LOADER_NAME
 
     class STGridPoolFrameSampling(VerifyAndUpdateConfig):
         _stgridpool = True

@@ -30,7 +30,7 @@ def test_both_loaders_read_a_one_frame_video(one_frame, backend):
     """vLLM 0.32's opencv loader returned 0 frames here ("Cannot get size of empty video")."""
     from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 
-    from vllm_stgridpool.video_loader import register_video_loader
+    from vllm_stgridpool.video.loader import register_video_loader
 
     register_video_loader()
     loaded, metadata = VIDEO_LOADER_REGISTRY.load(backend).load_bytes(one_frame.read_bytes(), num_frames=64)
@@ -43,7 +43,7 @@ def fetch(url: str, backend: str, limit: int | None, monkeypatch):
     from vllm.multimodal.media.base import MediaDecodedBudget
 
     from vllm_stgridpool.compat import media_fetch
-    from vllm_stgridpool.video_loader import register_video_loader
+    from vllm_stgridpool.video.loader import register_video_loader
 
     register_video_loader()
     if limit is not None:

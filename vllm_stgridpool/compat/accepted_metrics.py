@@ -37,7 +37,7 @@ def apply(vllm_version: str) -> bool:
 
 
 def count_when_accepted(process_inputs):
-    from vllm_stgridpool import metrics
+    from vllm_stgridpool.serving import metrics
 
     @functools.wraps(process_inputs)
     def process_inputs_counted(self, request_id, prompt, *args, **kwargs):

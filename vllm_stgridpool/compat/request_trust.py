@@ -88,7 +88,7 @@ def apply(vllm_version: str) -> bool:
 
 
 def trust_own_key(validate):
-    from vllm_stgridpool.request_rules import REQUEST_KEY
+    from vllm_stgridpool.serving.request_rules import REQUEST_KEY
 
     @functools.wraps(validate)
     def validate_trusting_own_key(*args, **kwargs):

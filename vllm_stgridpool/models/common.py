@@ -24,13 +24,14 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import VideoEmbeddingItems, VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from vllm_stgridpool import backend, metrics, native
-from vllm_stgridpool.activation import plugin_settings, settings_for
-from vllm_stgridpool.budget import VideoFit, fit_video, sample_frames
+from vllm_stgridpool.serving import metrics
+from vllm_stgridpool.stage import backend, cpu_kernels
+from vllm_stgridpool.serving.activation import plugin_settings, settings_for
+from vllm_stgridpool.serving.budget import VideoFit, fit_video, sample_frames
 from vllm_stgridpool.config import STGridPoolConfig, STGridPoolConfigError, STGridPoolSettings
-from vllm_stgridpool.config_rows import config_from_row, config_to_row
-from vllm_stgridpool.ops import st_gridpool
-from vllm_stgridpool.request_rules import (
+from vllm_stgridpool.serving.config_rows import config_from_row, config_to_row
+from vllm_stgridpool.stage import st_gridpool
+from vllm_stgridpool.serving.request_rules import (
     REQUEST_KEY,
     RequestSettings,
     StageShape,
@@ -290,7 +291,7 @@ def stage_settings(hf_config, vllm_config) -> STGridPoolSettings | None:
     if settings is not None:
         device_type = vllm_config.device_config.device_type
         if backend.announce(device_type) == backend.CPU_KERNELS and device_type == "cpu":
-            native.load()
+            cpu_kernels.load()
     return settings
 
 

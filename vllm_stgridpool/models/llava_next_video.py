@@ -17,7 +17,7 @@ from vllm.model_executor.models.llava_next_video import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_stgridpool.families import FAMILIES
+from vllm_stgridpool.models.families import FAMILIES
 from vllm_stgridpool.models.common import (
     CONFIG_FIELD,
     STGridPoolProcessingInfo,

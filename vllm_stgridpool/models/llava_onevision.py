@@ -32,8 +32,8 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_stgridpool.activation import plugin_settings
-from vllm_stgridpool.families import FAMILIES
+from vllm_stgridpool.serving.activation import plugin_settings
+from vllm_stgridpool.models.families import FAMILIES
 from vllm_stgridpool.config import STGridPoolConfig, STGridPoolSettings
 from vllm_stgridpool.models.common import (
     CONFIG_FIELD,

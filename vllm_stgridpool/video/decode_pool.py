@@ -14,7 +14,7 @@ The decoded bytes of all videos decoding at once stay under a budget
 (:class:`DecodeBudget`): a request waits for a worker and for its share of
 the budget up to a deadline, then gets :class:`DecoderBusy`.
 
-This module imports no vLLM: ``python -m vllm_stgridpool.decode_pool FD``
+This module imports no vLLM: ``python -m vllm_stgridpool.video.decode_pool FD``
 is the worker's entry point.
 """
 
@@ -39,7 +39,7 @@ from multiprocessing.reduction import recv_handle, send_handle
 import msgspec
 import numpy as np
 
-from vllm_stgridpool.video_decoder import FrameSizeMismatch, UndecodableVideo, VideoHeader
+from vllm_stgridpool.video.decoder import FrameSizeMismatch, UndecodableVideo, VideoHeader
 
 __all__ = ["Arenas", "DecodeBudget", "DecodePool", "DecoderBusy", "DecoderDied", "WorkerFailure"]
 
@@ -241,13 +241,13 @@ class InProcessDecoder:
         self._video = None
 
     def open(self, path: str, max_pixels: int) -> VideoHeader:
-        from vllm_stgridpool.video_decoder import open_video
+        from vllm_stgridpool.video.decoder import open_video
 
         self._video = open_video(path, max_pixels)
         return self._video.header
 
     def decode(self, indices: list[int], header: VideoHeader, nbytes: int) -> np.ndarray:
-        from vllm_stgridpool.video_decoder import decode_frames
+        from vllm_stgridpool.video.decoder import decode_frames
 
         with self._budget.reserve(nbytes, self._deadline):
             frames = np.empty((len(indices), header.height, header.width, 3), np.uint8)
@@ -398,7 +398,7 @@ def _shared_memory(nbytes: int) -> int:
 
 def serve(fd: int) -> None:
     """Answer the server's requests on the socket ``fd`` until the server closes it."""
-    from vllm_stgridpool.video_decoder import decode_frames, open_video
+    from vllm_stgridpool.video.decoder import decode_frames, open_video
 
     connection = Connection(fd)
     video = None

@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import msgspec
 
-from vllm_stgridpool.stage_cost import stage_cost
-from vllm_stgridpool.activation import plain_mapping
+from vllm_stgridpool.stage.cost import stage_cost
+from vllm_stgridpool.serving.activation import plain_mapping
 from vllm_stgridpool.config import MAX_VIDEO_TOKENS, STGridPoolConfig, STGridPoolConfigError, STGridPoolSettings
 
 REQUEST_KEY = "stgridpool"

@@ -5,7 +5,7 @@ frames they replace and the output grid are functions of (T, H, W) and the
 config alone. Computing them once on the host (and caching them) is what
 lets the stage run with static shapes and no host-device synchronisation,
 and lets the vLLM processor know the token count (and the stage's cost,
-:mod:`vllm_stgridpool.stage_cost`) before the model runs.
+:mod:`vllm_stgridpool.stage.cost`) before the model runs.
 
 The plan is a short program the stage runs in order, one sweep over the
 frames. A mosaic's buffer is taken at its first tile and handed on once the
@@ -155,6 +155,12 @@ def area_window(size: int, out_size: int) -> tuple[int, int, int] | None:
 def chunk_frames(height: int, width: int, dim: int, itemsize: int) -> int:
     """Frames per pooling step: about :data:`CHUNK_BYTES` of one video's features, at least one."""
     return max(1, CHUNK_BYTES // max(1, height * width * dim * itemsize))
+
+
+def plan_for(videos, config: STGridPoolConfig) -> Plan:
+    """The plan the eager backends run on (B, T, H, W, D) ``videos`` (a tensor): segments of a few frames."""
+    _, num_frames, height, width, dim = videos.shape
+    return make_plan(num_frames, height, width, config, chunk_frames(height, width, dim, videos.element_size()))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -39,8 +39,8 @@ from vllm.multimodal.video_decoders import (
     check_frame_pixel_limit,
 )
 from vllm_stgridpool import envs
-from vllm_stgridpool.decode_pool import DecodeBudget, DecodePool, DecoderBusy, DecoderDied, WorkerFailure
-from vllm_stgridpool.video_limits import VideoLimits
+from vllm_stgridpool.video.decode_pool import DecodeBudget, DecodePool, DecoderBusy, DecoderDied, WorkerFailure
+from vllm_stgridpool.video.limits import VideoLimits
 
 __all__ = [
     "LOADER_NAME",

@@ -1,4 +1,4 @@
-"""The stage on CUDA: the plan run by :mod:`~vllm_stgridpool.triton_kernels`, L + 1 launches for L levels.
+"""The stage on CUDA: the plan run by :mod:`~vllm_stgridpool.stage.triton_kernels`, L + 1 launches for L levels.
 
 The PyTorch-ops path launches 516 (float32) to 1,188 (bfloat16) kernels per 64-frame video, each some
 microseconds of host time, so on a GPU that path is bound by launches, not memory. Here a call is one launch per
@@ -7,7 +7,7 @@ level ``l`` (from input frames, or from mosaics that earlier launches finished) 
 buffers and pools every output row that is final by then (the input frames in launch 0, level
 ``l - 1``'s final mosaics after); the last launch pools the last level's final mosaics.
 
-The step tables come from the :class:`~vllm_stgridpool.plan.Plan`, built once per shape and device
+The step tables come from the :class:`~vllm_stgridpool.stage.plan.Plan`, built once per shape and device
 and kept there, with the float parameters once per setting: a call copies nothing from the host,
 reads no value back and allocates its output and the mosaic buffers (every mosaic of every video
 at once: the plan's buffer reuse is for the CPU's cache), so it can be captured in a CUDA graph.
@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from vllm_stgridpool.config import STGridPoolConfig
-from vllm_stgridpool.plan import Plan, PoolMosaics, Resize, make_plan
+from vllm_stgridpool.stage.plan import Plan, PoolMosaics, Resize, make_plan
 
 __all__ = ["run", "triton_stage", "launches", "Launch"]
 
@@ -136,7 +136,7 @@ def parameters(temperature: float, norm_p: float, dim: int, dtype: torch.dtype, 
 
 @functools.cache
 def _kernel():
-    from vllm_stgridpool.triton_kernels import stage_level_kernel  # imports triton: only when the stage runs
+    from vllm_stgridpool.stage.triton_kernels import stage_level_kernel  # imports triton: only when the stage runs
 
     return stage_level_kernel
 

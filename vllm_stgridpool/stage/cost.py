@@ -3,7 +3,7 @@
 The API server refuses a per-request pyramid that would cost more than the
 server's own setting (``request_rules.check_request_cost``) before the
 model runs, so this must follow ``ops.py`` step by step: it walks the same
-:class:`~vllm_stgridpool.plan.Plan` and counts what ``ops.apply_plan``
+:class:`~vllm_stgridpool.stage.plan.Plan` and counts what ``torch_ops.apply_plan``
 allocates and touches at each step. Change it whenever ``ops.py`` changes;
 ``tests/test_ops.py`` measures the stage against it.
 """
@@ -14,7 +14,7 @@ import functools
 from typing import NamedTuple
 
 from vllm_stgridpool.config import STGridPoolConfig
-from vllm_stgridpool.plan import Plan, PoolFrames, PoolMosaics, Resize, chunk_frames, make_plan
+from vllm_stgridpool.stage.plan import Plan, PoolFrames, PoolMosaics, Resize, chunk_frames, make_plan
 
 
 class StageCost(NamedTuple):
@@ -48,7 +48,7 @@ def stage_cost(
     the eager stage on its PyTorch-ops path, as vLLM runs it on every device
     (under ``torch.compile`` the pyramid runs as this same eager code, after
     the compiler's pooling of every frame); the fused CPU kernel
-    (:mod:`vllm_stgridpool.native`) reads each window once and holds no
+    (:mod:`vllm_stgridpool.stage.cpu_kernels`) reads each window once and holds no
     scores, so it stays under both bounds.
     """
     plan = make_plan(num_frames, height, width, config, chunk_frames(height, width, dim, itemsize))
@@ -56,13 +56,13 @@ def stage_cost(
 
 
 def _plan_cost(plan: Plan, dim: int, itemsize: int, norm_p: float) -> StageCost:
-    """Bytes held and elements moved by ``ops.apply_plan`` for one video, step by step."""
+    """Bytes held and elements moved by ``torch_ops.apply_plan`` for one video, step by step."""
     k = plan.kernel_size
     out_h, out_w = plan.out_grid
     frame = plan.height * plan.width * dim
     pooled_out = out_h * out_w * dim
     compute = max(itemsize, 4)  # scores and weights are at least float32
-    scaled = norm_p not in (1.0, 2.0)  # ops._scores: a float copy of the features, scaled per token
+    scaled = norm_p not in (1.0, 2.0)  # torch_ops._scores: a float copy of the features, scaled per token
 
     def pool(frames: int) -> tuple[int, int]:
         tokens = frames * out_h * k * out_w * k

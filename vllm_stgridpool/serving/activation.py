@@ -4,7 +4,7 @@ It is opt-in: active for a model when ``VLLM_PLUGINS`` names ``stgridpool``
 (what ``--plugins stgridpool`` sets) or when the model's ``--hf-overrides``
 carries a ``stgridpool`` object, and ``"enabled": false`` in that object
 turns it off again. What a single request may change is
-:mod:`vllm_stgridpool.request_rules`.
+:mod:`vllm_stgridpool.serving.request_rules`.
 """
 
 from __future__ import annotations

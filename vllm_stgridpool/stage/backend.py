@@ -1,8 +1,8 @@
 """Which code runs the stage, chosen in one place: ``STGRIDPOOL_STAGE_BACKEND``.
 
-- ``cpu-kernels``: the fused C++ kernels (:mod:`vllm_stgridpool.native`) where they apply (CPU tensors of
+- ``cpu-kernels``: the fused C++ kernels (:mod:`vllm_stgridpool.stage.cpu_kernels`) where they apply (CPU tensors of
   float32, bfloat16 or float64, norms 1 and 2), PyTorch ops elsewhere.
-- ``triton``: the Triton kernels (:mod:`vllm_stgridpool.triton_stage`), L + 1 launches per call. They run on
+- ``triton``: the Triton kernels (:mod:`vllm_stgridpool.stage.triton_stage`), L + 1 launches per call. They run on
   CUDA (and ROCm) tensors; on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1``), which is
   how the tests run them.
 - ``torch``: PyTorch ops on every device (the kernels of neither kind).
@@ -19,7 +19,7 @@ import logging
 
 from vllm_stgridpool import envs
 
-__all__ = ["AUTO", "CPU_KERNELS", "TRITON", "TORCH", "CHOICES", "for_device", "announce"]
+__all__ = ["AUTO", "CPU_KERNELS", "TRITON", "TORCH", "CHOICES", "for_device", "for_call", "announce"]
 
 logger = logging.getLogger("vllm.stgridpool")  # under vLLM's logger: its handlers print it
 
@@ -49,6 +49,18 @@ def for_device(device_type: str) -> str:
         if reason:
             raise ValueError(f"STGRIDPOOL_STAGE_BACKEND=triton cannot run the stage on {device_type} tensors: "
                              f"{reason}; choose one of auto, cpu-kernels, torch")
+    return choice
+
+
+def for_call(videos, norm_p: float) -> str:
+    """The backend that runs this whole call on (B, T, H, W, D) ``videos``: the device's, except that CPU
+    calls the fused kernels do not take (float16, norms other than 1 and 2, D not innermost) run as PyTorch
+    ops. Chosen once per call: the chosen backend never asks another one for a step."""
+    choice = for_device(videos.device.type)
+    if choice == CPU_KERNELS:
+        from vllm_stgridpool.stage import cpu_kernels
+
+        return CPU_KERNELS if cpu_kernels.takes_call(videos, norm_p) else TORCH
     return choice
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from vllm_stgridpool.plan import Plan, PoolFrames, PoolMosaics, Resize
+from vllm_stgridpool.config import STGridPoolConfig
+from vllm_stgridpool.stage.plan import Plan, PoolFrames, PoolMosaics, Resize, plan_for
 
-__all__ = ["applies", "pools", "resizes", "runs_plan", "norm_pool_into", "area_resize_into", "run_plan", "load",
+__all__ = ["applies", "takes", "takes_call", "run", "norm_pool_into", "area_resize_into", "run_plan", "load",
            "disabled"]
 
 logger = logging.getLogger(__name__)
@@ -80,29 +81,33 @@ def applies(device_type: str, dtype: torch.dtype) -> bool:
     return not _disabled and device_type == "cpu" and dtype in DTYPES and load() is not None
 
 
-def pools(x: torch.Tensor, out: torch.Tensor, norm_p: float) -> bool:
-    """Whether :func:`norm_pool_into` computes NSP of ``x`` (.., H, W, D) into ``out`` now: the kernels apply,
-    the norm is 1 or 2, D is innermost, and the code is not being traced (``torch.compile`` sees the kernels
-    through ``ops.eager_stage``)."""
-    return norm_p in NORMS and x.dim() in (3, 4) and out.stride(-1) == 1 and _runs_on(x)
+def takes(device_type: str, dtype: torch.dtype, norm_p: float) -> bool:
+    """Whether the kernels take a call on features of this device, dtype and norm (1 or 2)."""
+    return norm_p in NORMS and applies(device_type, dtype)
 
 
-def resizes(frames: torch.Tensor) -> bool:
-    """Whether :func:`area_resize_into` takes frames of this (N, H, W, D) tensor now (as :func:`pools` says)."""
-    return _runs_on(frames)
+def takes_call(videos: torch.Tensor, norm_p: float) -> bool:
+    """Whether :func:`run` takes these (B, T, H, W, D) ``videos`` now: :func:`takes`, D innermost, and the code
+    is not being traced (``torch.compile`` sees the kernels through ``compiled.eager_stage``)."""
+    return (videos.stride(-1) == 1 and not torch.compiler.is_compiling()
+            and takes(videos.device.type, videos.dtype, norm_p))
 
 
-def runs_plan(frames: torch.Tensor, norm_p: float) -> bool:
-    """Whether :func:`run_plan` runs a video of these (T, H, W, D) frames now (as :func:`pools` says)."""
-    return norm_p in NORMS and _runs_on(frames)
-
-
-def _runs_on(x: torch.Tensor) -> bool:
-    return x.stride(-1) == 1 and not torch.compiler.is_compiling() and applies(x.device.type, x.dtype)
+def run(videos: torch.Tensor, config: STGridPoolConfig, mosaics_only: bool = False) -> torch.Tensor:
+    """The whole stage on (B, T, H, W, D) ``videos``, one :func:`run_plan` call per video, where
+    :func:`takes_call` said yes: rows as ``torch_ops.apply_plan`` says."""
+    plan = plan_for(videos, config)
+    batch, num_frames, _, _, dim = videos.shape
+    out = videos.new_empty(batch, len(plan.replaced) if mosaics_only else num_frames, *plan.out_grid, dim)
+    for frames, pooled in zip(videos.unbind(0), out.unbind(0)):
+        buffers = frames.new_empty(plan.num_slots, *frames.shape[1:])  # the mosaics being built or read
+        run_plan(frames, pooled, buffers, plan, config.kernel_size, config.temperature, config.norm_p,
+                 mosaics_only)
+    return out
 
 
 def norm_pool_into(x: torch.Tensor, out: torch.Tensor, kernel_size: int, temperature: float, norm_p: float) -> None:
-    """NSP of ``x`` (N, H, W, D) or (H, W, D) written into ``out``, where :func:`pools` said yes."""
+    """NSP of ``x`` (N, H, W, D) or (H, W, D), D innermost, written into ``out`` (the kernel on its own)."""
     if x.dim() == 3:
         x, out = x.unsqueeze(0), out.unsqueeze(0)
     load().norm_pool_into(x, out, kernel_size, temperature, norm_p)
@@ -110,8 +115,7 @@ def norm_pool_into(x: torch.Tensor, out: torch.Tensor, kernel_size: int, tempera
 
 def area_resize_into(frame: torch.Tensor, places: list[torch.Tensor], height: int, width: int) -> None:
     """``frame`` (H, W, D) resized to (height, width) by area interpolation, written into each of ``places``
-    ((rows, cols, D) views, rows <= height and cols <= width: the tile's top-left part), where :func:`resizes`
-    said yes."""
+    ((rows, cols, D) views, rows <= height and cols <= width: the tile's top-left part); the kernel on its own."""
     load().area_resize_into(frame, places, height, width)
 
 
@@ -119,10 +123,10 @@ def run_plan(
     frames: torch.Tensor, pooled: torch.Tensor, buffers: torch.Tensor, plan: Plan, kernel_size: int,
     temperature: float, norm_p: float, mosaics_only: bool = False,
 ) -> None:
-    """One video's ``plan`` in one call, where :func:`runs_plan` said yes: ``frames`` (T, H, W, D) pooled into
-    ``pooled`` (rows as ``ops.apply_plan`` says), mosaics built in ``buffers`` (plan.num_slots, H, W, D).
+    """One video's ``plan`` in one call: ``frames`` (T, H, W, D) pooled into
+    ``pooled`` (rows as ``torch_ops.apply_plan`` says), mosaics built in ``buffers`` (plan.num_slots, H, W, D).
 
-    The steps are those ``ops.apply_plan`` otherwise walks in Python, a kernel call each; here the C++ side
+    The steps are those ``torch_ops.apply_plan`` otherwise walks in Python, a kernel call each; here the C++ side
     walks them, which saves about a hundred calls per 64-frame video.
     """
     load().run_plan(frames, pooled, buffers, _program(plan, mosaics_only), kernel_size, temperature, norm_p)

@@ -1,4 +1,4 @@
-"""The ST-GridPool stage: runs a precomputed :class:`~vllm_stgridpool.plan.Plan`.
+"""The stage as PyTorch ops: a precomputed :class:`~vllm_stgridpool.stage.plan.Plan` run step by step.
 
 Every shape, frame index and tile position comes from the plan as a Python
 int, so this module does no host-device synchronisation, runs on the
@@ -10,17 +10,10 @@ resized into mosaic tiles; mosaics live in a few reused buffers, and only
 frames whose final value is their own are pooled from the input. The input
 is never copied whole nor modified.
 
-Two paths compute the same formulas in the same precisions: on CPU the
-fused kernels of :mod:`vllm_stgridpool.native` (NSP reading each window
-once, the resize writing straight into the mosaics, the plan's steps walked
-in C++, one call per video), elsewhere PyTorch ops
-(and on CPU where the kernels cannot be built); the tests run both. On
-CUDA the Triton kernels of :mod:`vllm_stgridpool.triton_stage` run the
-whole stage in L + 1 launches; :mod:`vllm_stgridpool.backend` chooses. Under
-``torch.compile`` the CPU stage and the Triton stage are each one opaque op;
-elsewhere the pooling of every frame is left to the compiler (it fuses it
-into two passes) and the pyramid with its mosaics' pooling runs as one
-opaque op, the eager code.
+This is the backend of every device without kernels of its own, and of CPU calls the fused kernels
+(:mod:`~vllm_stgridpool.stage.cpu_kernels`) do not take (float16, norms other than 1 and 2); those kernels
+compute the same formulas in the same precisions, and the tests compare the two. It is pure PyTorch: the
+other backends are chosen in :func:`vllm_stgridpool.stage.st_gridpool`, once per call, not here.
 
 Numerics, for every value the config accepts: sums run in at least float32
 (area sums and the weighted sum are rounded to the features' dtype once); a
@@ -36,42 +29,20 @@ becomes the dtype's largest value and 0.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 
-from vllm_stgridpool import backend, native, triton_stage
 from vllm_stgridpool.config import STGridPoolConfig
-from vllm_stgridpool.plan import Plan, PoolFrames, PoolMosaics, Resize, area_window, chunk_frames, make_plan
+from vllm_stgridpool.stage.plan import Plan, PoolFrames, PoolMosaics, Resize, area_window, plan_for
 
-__all__ = ["st_gridpool", "apply_plan", "norm_pool"]
+__all__ = ["run", "apply_plan", "norm_pool"]
 
 
-def st_gridpool(x: torch.Tensor, config: STGridPoolConfig | None = None) -> torch.Tensor:
-    """ST-GridPool of (T, H, W, D) or (B, T, H, W, D) features -> (.., T, H', W', D).
-
-    Each video of a batch is pooled on its own: PTG never mixes videos.
-    The stage is training-free and computes no gradients, whatever the grad
-    mode (vLLM's CPU warm-up runs the model with grad enabled; the stage's
-    in-place writes and opaque op have no backward): the output never
-    requires grad.
-    """
-    config = STGridPoolConfig() if config is None else config
-    _check_features(x, config)
-    batched = x.dim() == 5
-    videos = x if batched else x.unsqueeze(0)
-    with torch.no_grad():
-        chosen = _backend(videos.device.type)  # backend.py: the CPU kernels, Triton or PyTorch ops
-        if torch.compiler.is_compiling():
-            out = _compiled_stage(videos, config)
-        elif chosen == backend.TRITON:
-            out = triton_stage.run(videos, config)
-        else:
-            with _ops_only(chosen):
-                out = apply_plan(videos, _eager_plan(videos, config), config.temperature, config.norm_p)
-    return out if batched else out.squeeze(0)
+def run(videos: torch.Tensor, config: STGridPoolConfig, mosaics_only: bool = False) -> torch.Tensor:
+    """The whole stage on (B, T, H, W, D) ``videos``: rows as :func:`apply_plan` says."""
+    return apply_plan(videos, plan_for(videos, config), config.temperature, config.norm_p, mosaics_only)
 
 
 def apply_plan(
@@ -92,9 +63,6 @@ def apply_plan(
 def _run_steps(frames: torch.Tensor, plan: Plan, pooled: torch.Tensor, pool: dict, mosaics_only: bool) -> None:
     """One video's steps, written into ``pooled`` in place (rows as :func:`apply_plan` says)."""
     buffers = frames.new_empty(plan.num_slots, *frames.shape[1:])  # the mosaics being built or read
-    if native.runs_plan(frames, pool["norm_p"]):  # the whole video in one kernel call
-        native.run_plan(frames, pooled, buffers, plan, mosaics_only=mosaics_only, **pool)
-        return
     mosaics = [buffers[slot] for slot in plan.slots]  # (H, W, D), by mosaic
     for step in plan.steps:
         if isinstance(step, PoolFrames) and not mosaics_only:
@@ -104,77 +72,6 @@ def _run_steps(frames: torch.Tensor, plan: Plan, pooled: torch.Tensor, pool: dic
         elif isinstance(step, PoolMosaics):
             for mosaic, frame in zip(step.mosaics, step.frames):
                 _norm_pool_into(mosaics[mosaic], pooled[plan.pooled_row(frame, mosaics_only)], **pool)
-
-
-def _compiled_stage(videos: torch.Tensor, config: STGridPoolConfig) -> torch.Tensor:
-    """Under ``torch.compile``: the eager stage as one opaque op where the fused CPU kernel applies; elsewhere
-    NSP of every frame as code the compiler fuses, then the mosaics' rows.
-
-    The compiler turns NSP into two passes over the features (the fused
-    kernel takes one), and it schedules the many small steps of PTG poorly
-    (every mosaic held at once, the frames read again long after they left
-    the cache), so PTG and the pooling of the mosaics run as the eager code.
-    """
-    plan_args = (list(config.grid_sizes), list(config.grid_strides), config.kernel_size, config.temperature,
-                 config.norm_p)
-    if _backend(videos.device.type) == backend.TRITON:  # the whole stage: one opaque op, L + 1 launches
-        return triton_stage.triton_stage(videos, *plan_args)
-    if _fused_kernel_applies(videos.device.type, videos.dtype):
-        return eager_stage(videos, *plan_args, False, videos.shape[1])
-    pooled = norm_pool(videos, config.kernel_size, config.temperature, config.norm_p)
-    replaced = _replaced_frames(*videos.shape[1:4], config)
-    if replaced:
-        mosaics = eager_stage(videos, *plan_args, True, len(replaced))
-        pooled.index_copy_(1, torch.tensor(replaced, device=videos.device), mosaics)
-    return pooled
-
-
-@torch.compiler.assume_constant_result
-def _replaced_frames(num_frames: int, height: int, width: int, config: STGridPoolConfig) -> tuple[int, ...]:
-    """The frames whose final value is a mosaic: a constant to ``torch.compile`` (shapes and config only)."""
-    return make_plan(num_frames, height, width, config).replaced
-
-
-@torch.compiler.assume_constant_result
-def _fused_kernel_applies(device_type: str, dtype: torch.dtype) -> bool:
-    """A constant to ``torch.compile``: whether the eager stage would run on the fused CPU kernels."""
-    return backend.for_device(device_type) == backend.CPU_KERNELS and native.applies(device_type, dtype)
-
-
-@torch.compiler.assume_constant_result
-def _backend(device_type: str) -> str:
-    """A constant to ``torch.compile``: :func:`backend.for_device`."""
-    return backend.for_device(device_type)
-
-
-def _ops_only(chosen: str):
-    """With the ``torch`` backend, the CPU kernels stay out (:func:`native.disabled`) inside the block."""
-    return native.disabled() if chosen == backend.TORCH else contextlib.nullcontext()
-
-
-@torch.library.custom_op("stgridpool::eager_stage", mutates_args=())
-def eager_stage(
-    videos: torch.Tensor, grid_sizes: list[int], grid_strides: list[int], kernel_size: int, temperature: float,
-    norm_p: float, mosaics_only: bool, rows: int,
-) -> torch.Tensor:
-    """The eager stage on (B, T, H, W, D) ``videos`` as one op: (B, rows, H', W', D), every frame (rows = T)
-    or, with ``mosaics_only``, the ``rows`` pooled mosaics that replace frames."""
-    config = STGridPoolConfig(grid_sizes=tuple(grid_sizes), grid_strides=tuple(grid_strides), kernel_size=kernel_size)
-    plan = _eager_plan(videos, config)  # temperature and norm_p do not change the plan
-    with _ops_only(backend.for_device(videos.device.type)):
-        return apply_plan(videos, plan, temperature, norm_p, mosaics_only=mosaics_only)
-
-
-@eager_stage.register_fake
-def _(videos, grid_sizes, grid_strides, kernel_size, temperature, norm_p, mosaics_only, rows):
-    out_grid = STGridPoolConfig(kernel_size=kernel_size).output_grid(videos.shape[2], videos.shape[3])
-    return videos.new_empty(videos.shape[0], rows, *out_grid, videos.shape[-1])
-
-
-def _eager_plan(videos: torch.Tensor, config: STGridPoolConfig) -> Plan:
-    """The plan eager code runs on (B, T, H, W, D) ``videos``: segments of a few frames (cached)."""
-    _, num_frames, height, width, dim = videos.shape
-    return make_plan(num_frames, height, width, config, chunk_frames(height, width, dim, videos.element_size()))
 
 
 def _resize_into(frames, step: Resize, mosaics: list[torch.Tensor]) -> None:
@@ -188,10 +85,6 @@ def _resize_into(frames, step: Resize, mosaics: list[torch.Tensor]) -> None:
              for places in step.places]
     if tuple(frames.shape[1:3]) == size:  # a one-frame mosaic is the frame itself
         tiles = [frames[row] for row in rows]
-    elif native.resizes(frames):  # straight into the places, no tile in between
-        for row, places in zip(rows, slots):
-            native.area_resize_into(frames[row], places, *size)
-        return
     else:
         tiles = _area_tiles(frames, rows, size[0], size[1])
     for tile, places in zip(tiles, slots):
@@ -241,9 +134,6 @@ def _norm_pool_into(
     video takes some thirty calls): the scores come from one reduction over
     the token grid, and the window offsets from two ``unbind``.
     """
-    if native.pools(x, out, norm_p):
-        native.norm_pool_into(x, out, kernel_size, temperature, norm_p)
-        return
     k = kernel_size
     out_h, out_w = out.shape[-3], out.shape[-2]
     grid = x[..., : out_h * k, : out_w * k, :]  # the tokens that windows cover
@@ -295,25 +185,3 @@ def _scores(x: torch.Tensor, norm_p: float) -> torch.Tensor:
     else:  # D ** (1/p) can overflow: take the mean, in [1/D, 1], before the root
         mean_norm = unit.abs_().pow_(norm_p).mean(-1).pow_(1.0 / norm_p)
     return mean_norm.mul_(scale)
-
-
-def _check_features(x: torch.Tensor, config: STGridPoolConfig) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"st_gridpool expects a torch.Tensor, got {type(x).__name__}")
-    if x.dim() not in (4, 5):
-        raise ValueError(
-            f"st_gridpool expects features of 4 dims (T, H, W, D) or 5 dims "
-            f"(B, T, H, W, D), got {x.dim()} dims with shape {tuple(x.shape)}"
-        )
-    if not x.dtype.is_floating_point:
-        raise ValueError(
-            f"st_gridpool expects a floating dtype (float32, bfloat16, float16, float64), got {x.dtype}"
-        )
-    if x.shape[-1] == 0:
-        raise ValueError(f"st_gridpool expects at least one channel (D >= 1), got shape {tuple(x.shape)}")
-    height, width = x.shape[-3], x.shape[-2]
-    if height < config.kernel_size or width < config.kernel_size:
-        raise ValueError(
-            f"token grid {height} x {width} is smaller than kernel_size {config.kernel_size}; "
-            f"use kernel_size <= {min(height, width)}"
-        )
