@@ -28,7 +28,9 @@ def test_layout_names_every_runtime_module_under_its_folder():
             assert f"`{module}`" in layout, f"the README's layout does not name {folder.name}/{module}"
     # and names nothing that is not there
     for named in re.findall(r"`([a-z_]+\.py)`", layout):
-        assert list(PACKAGE.rglob(named)), f"the README's layout names {named}, which does not exist"
+        folders = [PACKAGE, ROOT / "vllm_stgridpool_testing", ROOT / "examples", ROOT / "eval", ROOT / "benchmarks"]
+        assert any(any(folder.rglob(named)) for folder in folders), (
+            f"the README's layout names {named}, which does not exist")
 
 
 def test_every_manual_page_is_linked_from_the_readme():
