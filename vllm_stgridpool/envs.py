@@ -47,6 +47,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "STGRIDPOOL_MAX_VIDEO_PIXELS": _number("STGRIDPOOL_MAX_VIDEO_PIXELS", 3840 * 2160, minimum=1),
     "STGRIDPOOL_MAX_VIDEO_DECODE_BYTES": _number("STGRIDPOOL_MAX_VIDEO_DECODE_BYTES", 64 * 3840 * 2160 * 3, minimum=1),
     "STGRIDPOOL_VIDEO_DECODE_BUDGET_BYTES": _number("STGRIDPOOL_VIDEO_DECODE_BUDGET_BYTES", 0),
+    # Packets (mp4 samples, frames) a video's container may declare or hold, all streams
+    # together, checked before FFmpeg builds its index (video/container_check.py).
+    "STGRIDPOOL_MAX_VIDEO_PACKETS": _number("STGRIDPOOL_MAX_VIDEO_PACKETS", 1_000_000, minimum=1),
     # The decode pool (decode_pool.py): worker processes (0 decodes in the API server
     # itself, without crash containment), the longest wait for a worker and budget
     # before HTTP 503, and the longest decode before its worker is ended.
