@@ -17,6 +17,7 @@ from vllm_stgridpool import envs
 
 __all__ = [
     "DEFAULT_MAX_VIDEO_DECODE_BYTES",
+    "DEFAULT_MAX_VIDEO_PACKETS",
     "DEFAULT_MAX_VIDEO_PIXELS",
     "VideoLimits",
     "VideoTooLarge",
@@ -27,6 +28,9 @@ __all__ = [
 # The defaults admit 4K UHD (3840 x 2160, and its portrait twin) and 64 such frames decoded.
 DEFAULT_MAX_VIDEO_PIXELS = 3840 * 2160
 DEFAULT_MAX_VIDEO_DECODE_BYTES = 64 * 3840 * 2160 * 3
+# Packets (mp4 samples, frames) a container may declare or hold: 9 hours of 30 fps video, or 3.6 hours
+# with 48 kHz AAC sound (FFmpeg indexes every stream). FFmpeg's mp4 index costs 35-72 bytes a sample.
+DEFAULT_MAX_VIDEO_PACKETS = 1_000_000
 # Decoding in flight may use this share of the machine's (or the container's) memory.
 DECODE_BUDGET_SHARE_OF_MEMORY = 0.25
 
@@ -40,6 +44,7 @@ class VideoLimits:
     max_video_pixels: int
     max_video_decode_bytes: int
     decode_budget_bytes: int
+    max_video_packets: int = DEFAULT_MAX_VIDEO_PACKETS
 
     @classmethod
     def from_env(cls) -> VideoLimits:
@@ -47,7 +52,20 @@ class VideoLimits:
             max_video_pixels=envs.STGRIDPOOL_MAX_VIDEO_PIXELS,
             max_video_decode_bytes=envs.STGRIDPOOL_MAX_VIDEO_DECODE_BYTES,
             decode_budget_bytes=envs.STGRIDPOOL_VIDEO_DECODE_BUDGET_BYTES or default_decode_budget_bytes(),
+            max_video_packets=envs.STGRIDPOOL_MAX_VIDEO_PACKETS,
         )
+
+    def check_header(self, width: int, height: int, total_frames: int, upload_bytes: int) -> None:
+        """Refuse a header that cannot be true of an upload of ``upload_bytes``: no picture, or more frames
+        than the bytes hold (every frame is at least one byte) or than ``max_video_packets``."""
+        if width < 1 or height < 1:
+            raise VideoTooLarge(f"video frames of {width}x{height} hold no picture")
+        if not 1 <= total_frames <= min(upload_bytes, self.max_video_packets):
+            raise VideoTooLarge(
+                f"the video's header declares {total_frames:,} frames, which its {upload_bytes:,} bytes cannot "
+                f"hold or which is over the server's max_video_packets of {self.max_video_packets:,} "
+                "(STGRIDPOOL_MAX_VIDEO_PACKETS)"
+            )
 
     def check_frame_size(self, width: int, height: int) -> None:
         """Refuse a frame size over ``max_video_pixels``."""
