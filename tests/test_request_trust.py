@@ -1,8 +1,11 @@
-"""P6 against a real server: a frame count up to ``max_frames`` needs no trust flag, nothing else does.
+"""P6 against a real server: a frame count up to ``max_frames`` (and a sampling rate with it) needs no trust
+flag, nothing else does.
 
 ``vllm serve ... --plugins stgridpool`` without ``--trust-request-mm-kwargs``,
 ``max_frames`` 12. Expected counts: text tokens from the checkpoint's chat
-template plus ``T * H' * W' + 1`` with H' = W' = (27 - 2) // 2 + 1 = 13.
+template plus ``T * H' * W' + 1`` with H' = W' = (27 - 2) // 2 + 1 = 13. The
+clip is 24 frames at 10 fps (2.4 s): at ``fps`` f the loader takes
+``min(n, floor(2.4 * f))`` frames.
 """
 
 from __future__ import annotations
@@ -60,12 +63,23 @@ def test_a_frame_count_goes_with_the_own_key(client, mp4_factory, text_tokens):
     assert response.usage.prompt_tokens == text_tokens + 6 * 9 * 9 + 1
 
 
+@pytest.mark.parametrize(("fps", "frames"), [(1, 2), (2.5, 6), (1000, MAX_FRAMES)])
+def test_a_sampling_rate_with_the_frame_count_only_lowers_it(client, mp4_factory, text_tokens, fps, frames):
+    response = ask(client, mp4_factory(24), media_io_kwargs={"video": {"num_frames": MAX_FRAMES, "fps": fps}})
+    assert response.usage.prompt_tokens == text_tokens + frames * 13 * 13 + 1
+
+
 @pytest.mark.parametrize(
     "media_io_kwargs",
     [
         {"video": {"num_frames": MAX_FRAMES + 1}},
         {"video": {"num_frames": 0}},
-        {"video": {"num_frames": 4, "fps": 2}},
+        {"video": {"fps": 2}},  # alone, vLLM would drop the server's frame count
+        {"video": {"num_frames": 4, "fps": 0}},
+        {"video": {"num_frames": 4, "fps": -1}},
+        {"video": {"num_frames": 4, "fps": 1001}},
+        {"video": {"num_frames": 4, "fps": True}},
+        {"video": {"num_frames": 4, "fps": "2"}},
         {"video": {"video_backend": "opencv"}},
         {"image": {"num_frames": 4}},
     ],

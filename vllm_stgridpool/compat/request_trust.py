@@ -10,11 +10,15 @@ ST-GridPool is active for the model this process serves and the request's
 ``mm_processor_kwargs`` hold the ``stgridpool`` key and nothing else, the
 request passes; anything else goes to vLLM's own check unchanged.
 
-The same holds for ``media_io_kwargs`` that only choose how many frames to
+The same holds for ``media_io_kwargs`` that only choose which frames to
 sample, ``{"video": {"num_frames": n}}`` with a whole ``n`` from 1 to the
-server's ``max_frames``: what evaluation harnesses send with every video
-request (lmms-eval's ``openai`` model does), and bounded by the frame count
-the server profiled for. Any other key, or a larger ``n``, needs the flag.
+server's ``max_frames``, optionally with ``"fps": f`` (0 < f <= 1000): what
+evaluation harnesses send with every video request (lmms-eval's ``openai``
+model sends the count; the authors' protocol samples 1 fps up to the
+count). The loaders take ``min(n, floor(duration * f))`` frames, so ``fps``
+can only lower the count the server profiled for; alone (without ``n``)
+vLLM would drop the server's count, so it is not admitted. Any other key, or
+a larger ``n``, needs the flag.
 Ledger entry: patches/README.md, P6.
 """
 
@@ -50,24 +54,30 @@ def mark_active(max_frames: int = 0) -> None:
 
 def own_key_only(mm_processor_kwargs, media_io_kwargs, key: str, max_frames: int = 0) -> bool:
     """True for a request whose multimodal overrides are the plugin's ``key`` object and at most
-    a frame count from 1 to ``max_frames``, and that sends at least one of them."""
+    a frame count from 1 to ``max_frames`` (and a sampling rate), and that sends at least one of them."""
     if not (mm_processor_kwargs or media_io_kwargs):
         return False
     own_processor_kwargs = not mm_processor_kwargs or (
         isinstance(mm_processor_kwargs, dict) and set(mm_processor_kwargs) == {key}
     )
-    return own_processor_kwargs and (not media_io_kwargs or frame_count_only(media_io_kwargs, max_frames))
+    return own_processor_kwargs and (not media_io_kwargs or frame_sampling_only(media_io_kwargs, max_frames))
 
 
-def frame_count_only(media_io_kwargs, max_frames: int) -> bool:
-    """True for exactly ``{"video": {"num_frames": n}}`` with a whole ``n`` from 1 to ``max_frames``."""
+MAX_REQUEST_FPS = 1000.0  # far above any video's rate; keeps duration * fps a finite number
+
+
+def frame_sampling_only(media_io_kwargs, max_frames: int) -> bool:
+    """True for exactly ``{"video": {"num_frames": n}}`` with a whole ``n`` from 1 to ``max_frames``, or that
+    plus ``"fps": f`` with a real ``f`` in (0, ``MAX_REQUEST_FPS``] (fps only ever lowers the count)."""
     if not isinstance(media_io_kwargs, dict) or set(media_io_kwargs) != {"video"}:
         return False
     video = media_io_kwargs["video"]
-    if not isinstance(video, dict) or set(video) != {"num_frames"}:
+    if not isinstance(video, dict) or set(video) not in ({"num_frames"}, {"num_frames", "fps"}):
         return False
-    n = video["num_frames"]
-    return isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= max_frames
+    n, fps = video["num_frames"], video.get("fps", 1.0)
+    whole = isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= max_frames
+    real = isinstance(fps, (int, float)) and not isinstance(fps, bool) and 0 < fps <= MAX_REQUEST_FPS
+    return whole and real
 
 
 def apply(vllm_version: str) -> bool:
