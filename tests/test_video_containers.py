@@ -1,0 +1,236 @@
+"""What is inside an upload: only video containers reach FFmpeg, with counts their bytes can hold, turned upright.
+
+Every hostile file is built here from bytes a real encoder wrote
+(``tests/support/hostile_videos.py``). The decoder is the worker's code
+(``open_video``/``decode_frames``) run in this process; the reference frames
+come from PyAV decoding the same bytes in order, and from opencv.
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.support import hostile_videos as hostile
+from vllm_stgridpool.video import container_check
+from vllm_stgridpool.video.container_check import ContainerRefused
+from vllm_stgridpool.video.decoder import UndecodableVideo, decode_frames, open_video
+from vllm_stgridpool.video.limits import DEFAULT_MAX_VIDEO_PACKETS, VideoLimits, VideoTooLarge
+from vllm_stgridpool_testing.sample_videos import mp4_bytes
+
+MAX_PIXELS = 3840 * 2160
+ACCEPTED = "MP4/MOV, Matroska/WebM, AVI, MPEG-TS, MPEG-PS, FLV, Ogg"
+
+
+@pytest.fixture(scope="module")
+def opencv_mp4() -> bytes:
+    """10 frames of 160x120 in an mp4 OpenCV wrote (moov after mdat)."""
+    return mp4_bytes(10)
+
+
+def decode(tmp_path, data: bytes, indices=None, max_packets: int = DEFAULT_MAX_VIDEO_PACKETS):
+    """``(header, frames)`` through the worker's code, from a file as the server writes it."""
+    path = tmp_path / "upload"
+    path.write_bytes(data)
+    video = open_video(str(path), MAX_PIXELS, max_packets)
+    try:
+        header = video.header
+        indices = list(range(header.total_frames)) if indices is None else indices
+        frames = np.zeros((len(indices), header.height, header.width, 3), np.uint8)
+        decode_frames(video, indices, frames)
+    finally:
+        video.close()
+    return header, frames
+
+
+def frames_in_order(tmp_path, data: bytes) -> np.ndarray:
+    """Every frame, decoded by PyAV from the start (no seeking, no rotation): the reference."""
+    import av
+
+    path = tmp_path / "reference"
+    path.write_bytes(data)
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def opencv_frames(tmp_path, data: bytes) -> np.ndarray:
+    """Every frame as opencv reads it (it turns frames as the display matrix says), in RGB."""
+    path = tmp_path / "opencv.mp4"
+    path.write_bytes(data)
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame[:, :, ::-1])
+    capture.release()
+    return np.stack(frames)
+
+
+# --- only video containers --------------------------------------------------------------------
+
+REFUSED = {
+    "ffconcat": (hostile.ffconcat_script("secretclip.mp4"), "an ffconcat script"),
+    "ffconcat_subfolder": (hostile.ffconcat_script("sub/x.mp4"), "an ffconcat script"),
+    "hls": (hostile.hls_playlist("secretclip.ts"), "an HLS playlist"),
+    "png_of_an_image_sequence": (hostile.png_image(), "a PNG image"),
+    "zero_size_animated_webp": (hostile.zero_size_animated_webp(), "a WebP image"),
+    "unknown_bytes": (b"\x13\x37" * 500, "not a format it recognises"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_what_is_not_a_video_container_is_refused_by_name(tmp_path, opencv_mp4, name):
+    """Files a playlist could name are planted next to the upload: none is read, and the message names the
+    format and what is accepted, never a path."""
+    data, what = REFUSED[name]
+    (tmp_path / "secretclip.mp4").write_bytes(opencv_mp4)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.mp4").write_bytes(opencv_mp4)
+    with pytest.raises(UndecodableVideo) as refused:
+        decode(tmp_path, data)
+    message = str(refused.value)
+    assert message.startswith(f"Could not decode video: the upload is {what}")
+    assert message.endswith(f", not a video container this server accepts ({ACCEPTED})")
+    assert str(tmp_path) not in message
+
+
+@pytest.mark.parametrize("container", sorted(hostile.CONTAINERS))
+def test_every_accepted_container_decodes_to_the_frames_pyav_reads_in_order(tmp_path, container):
+    data = hostile.clip(container, num_frames=12, gop=4)
+    assert container_check.identify(data) in container_check.DEMUXERS
+    reference = frames_in_order(tmp_path, data)
+    wanted = [11, 0, 5, 6, 6, 2]  # out of order, repeated, across key frames
+    header, frames = decode(tmp_path, data, wanted)
+    assert (header.width, header.height, header.total_frames, header.rotation) == (64, 48, 12, 0)
+    np.testing.assert_array_equal(frames, reference[wanted])
+
+
+def test_a_demuxer_named_for_the_bytes_cannot_be_talked_into_another(tmp_path, opencv_mp4):
+    """An ffconcat script behind an mp4's first box is still refused: the mov demuxer does not read it."""
+    data = hostile._box(b"ftyp", b"isom" + bytes(4)) + hostile.ffconcat_script("secretclip.mp4")
+    (tmp_path / "secretclip.mp4").write_bytes(opencv_mp4)
+    assert container_check.identify(data) == "mov"
+    with pytest.raises(UndecodableVideo, match="^Could not decode video") as refused:
+        decode(tmp_path, data)
+    assert str(tmp_path) not in str(refused.value)
+
+
+# --- counts the bytes cannot hold ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("samples", [20_000_000, 50_000_000, 178_000_000])
+def test_mp4_index_bomb_is_refused_before_ffmpeg_reads_it(tmp_path, opencv_mp4, samples):
+    bomb = hostile.index_bomb_mp4(opencv_mp4, samples)
+    assert len(bomb) < 4096
+    with pytest.raises(UndecodableVideo) as refused:
+        decode(tmp_path, bomb)
+    assert str(refused.value) == (
+        f"Could not decode video: the MP4/MOV container declares {samples:,} samples in one track, "
+        f"more than its {len(bomb):,} bytes can hold"
+    )
+
+
+def test_mp4_fragment_bomb_is_refused(tmp_path):
+    bomb = hostile.fragment_bomb_mp4(hostile.clip("fragmented_mp4"), 20_000_000)
+    with pytest.raises(UndecodableVideo, match=r"declares 20,000,000 samples in a fragment, more than its [\d,]+ bytes"):
+        decode(tmp_path, bomb)
+
+
+def test_avi_frame_count_lie_is_refused(tmp_path):
+    lie = hostile.lying_avi(hostile.clip("avi"), 20_000_000)
+    with pytest.raises(UndecodableVideo, match=r"the AVI container declares 20,000,000 video frames, more than its"):
+        decode(tmp_path, lie)
+
+
+def test_avi_frame_count_within_its_bytes_gives_way_to_the_frames_it_holds(tmp_path):
+    """600 frames fit 6 KB of chunk headers, so the header is let through; the video has the 12 it holds."""
+    data = hostile.lying_avi(hostile.clip("avi"), 600)
+    header, frames = decode(tmp_path, data)
+    assert header.total_frames == 12
+    np.testing.assert_array_equal(frames, frames_in_order(tmp_path, data))
+
+
+def test_flv_keyframe_index_bomb_is_refused(tmp_path):
+    bomb = hostile.flv_keyframes_bomb(hostile.clip("flv"), 2**28 - 1)
+    with pytest.raises(UndecodableVideo, match=r"the FLV container declares 268,435,455 keyframe index entries"):
+        decode(tmp_path, bomb)
+
+
+def test_mp4_over_max_video_packets_is_refused_and_a_higher_cap_admits_it(opencv_mp4):
+    """1.5M one-byte samples in 1.5 MB fit the bytes: only the cap refuses them."""
+    bomb = hostile.index_bomb_mp4(opencv_mp4, 1_500_000, keep_mdat=1_500_000)
+    with pytest.raises(ContainerRefused, match="1,500,000 samples in one track, more than the server's "
+                       r"max_video_packets of 1,000,000 \(STGRIDPOOL_MAX_VIDEO_PACKETS\)"):
+        container_check.inspect(bomb, 1_000_000)
+    assert container_check.inspect(bomb, 2_000_000) == "mov"
+
+
+def test_refusing_a_bomb_costs_no_memory():
+    """In a fresh process: reading the 178M-sample mp4's tables and refusing it raise its peak RSS by < 5 MiB."""
+    script = (
+        "import resource\n"
+        "from vllm_stgridpool.video import container_check\n"
+        "from tests.support.hostile_videos import index_bomb_mp4\n"
+        "from vllm_stgridpool_testing.sample_videos import mp4_bytes\n"
+        "bomb = index_bomb_mp4(mp4_bytes(10), 178_000_000)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n    container_check.inspect(bomb, 1_000_000)\nexcept container_check.ContainerRefused:\n    pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert int(done.stdout.split()[-1]) < 5 * 1024  # KiB
+
+
+# --- headers that lie ---------------------------------------------------------------------------
+
+
+def test_a_stream_without_a_frame_size_is_refused(tmp_path, opencv_mp4):
+    with pytest.raises(UndecodableVideo, match="its video stream declares a frame size of 0x0"):
+        decode(tmp_path, hostile.no_picture_mp4(opencv_mp4))
+
+
+@pytest.mark.parametrize(
+    "width, height, frames, upload, words",
+    [
+        (0, 0, 10, 10_000, "0x0 hold no picture"),
+        (-4, 8, 10, 10_000, "-4x8 hold no picture"),
+        (64, 48, 20_000_000, 2_600, "declares 20,000,000 frames, which its 2,600 bytes cannot hold"),
+        (64, 48, 2_000_000, 10**9, "over the server's max_video_packets of 1,000,000"),
+        (64, 48, 0, 10_000, "declares 0 frames"),
+    ],
+)
+def test_the_api_server_refuses_a_header_that_cannot_be_true(width, height, frames, upload, words):
+    limits = VideoLimits(max_video_pixels=MAX_PIXELS, max_video_decode_bytes=10**9, decode_budget_bytes=10**9)
+    with pytest.raises(VideoTooLarge, match=words):
+        limits.check_header(width, height, frames, upload)
+
+
+# --- rotation ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_rotated_mp4_frames_are_upright_like_opencvs(tmp_path, opencv_mp4, degrees):
+    """A phone's display matrix (written into the track header here): frames turned like opencv turns them,
+    and like turning the unrotated frames ``degrees`` counter-clockwise."""
+    rotated = hostile.rotated_mp4(opencv_mp4, degrees)
+    header, frames = decode(tmp_path, rotated)
+    assert header.rotation == degrees
+    assert (header.width, header.height) == ((120, 160) if degrees % 180 else (160, 120))
+    np.testing.assert_array_equal(frames, opencv_frames(tmp_path, rotated))
+    upright = np.rot90(frames_in_order(tmp_path, opencv_mp4), degrees // 90, axes=(1, 2))
+    np.testing.assert_array_equal(frames, upright)
+
+
+@pytest.mark.parametrize("container", ["mkv", "mov"])
+def test_rotation_other_muxers_write_is_honoured(tmp_path, container):
+    data = hostile.clip(container, rotation=90)
+    header, frames = decode(tmp_path, data)
+    assert (header.width, header.height, header.rotation) == (48, 64, 90)
+    np.testing.assert_array_equal(frames, np.rot90(frames_in_order(tmp_path, data), 1, axes=(1, 2)))
