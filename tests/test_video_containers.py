@@ -8,9 +8,11 @@ come from PyAV decoding the same bytes in order, and from opencv.
 
 from __future__ import annotations
 
-import resource
+import base64
+import io
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -234,3 +236,73 @@ def test_rotation_other_muxers_write_is_honoured(tmp_path, container):
     header, frames = decode(tmp_path, data)
     assert (header.width, header.height, header.rotation) == (48, 64, 90)
     np.testing.assert_array_equal(frames, np.rot90(frames_in_order(tmp_path, data), 1, axes=(1, 2)))
+
+
+# --- video/jpeg data URLs (P12) ------------------------------------------------------------------
+
+
+def jpeg(width: int, height: int, shade: int = 90) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (shade, 120, 30)).save(buffer, format="JPEG", quality=10)
+    return buffer.getvalue()
+
+
+def jpeg_url(*frames: bytes) -> str:
+    return "data:video/jpeg;base64," + ",".join(base64.b64encode(frame).decode() for frame in frames)
+
+
+@pytest.fixture
+def connectors():
+    """(vLLM's own connector, the one P12 makes of it), each with a default of ``num_frames`` 8."""
+    from vllm.multimodal.media import MediaConnector
+
+    from vllm_stgridpool.compat.jpeg_frames import _checking_connector
+
+    options = {"media_io_kwargs": {"video": {"num_frames": 8}}}
+    return MediaConnector(**options), _checking_connector(MediaConnector)(**options)
+
+
+def test_jpeg_frames_within_the_limits_decode_as_vllm_decodes_them(connectors):
+    stock, checked = connectors
+    url = jpeg_url(*(jpeg(64, 48, shade) for shade in (10, 90, 170)))
+    expected, expected_metadata = stock.fetch_video(url).media
+    frames, metadata = checked.fetch_video(url).media
+    np.testing.assert_array_equal(frames, expected)
+    assert frames.shape == (3, 48, 64, 3) and metadata == expected_metadata
+
+
+@pytest.mark.parametrize(
+    "frames, words",
+    [
+        ([jpeg(8000, 8000)] * 8, r"video frames of 8000x8000 \(64,000,000 pixels\) are over the server's "
+                                 r"max_video_pixels of 8,294,400"),
+        ([jpeg(64, 48), jpeg(48, 64)], "frame 1 of the video/jpeg data is 48x64, frame 0 is 64x48"),
+        ([jpeg(64, 48), hostile.png_image()], "frame 1 of the video/jpeg data is not a JPEG image"),
+        ([b"\xff\xd8\xff\xe0\x00\x04JF\xff\xda\x00\x02" + bytes(64)],
+         "frame 0 of the video/jpeg data is a JPEG image without a frame header before its image data"),
+    ],
+)
+def test_jpeg_frames_over_a_limit_are_refused_from_their_headers(connectors, frames, words):
+    _, checked = connectors
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=words):
+        checked.fetch_video(jpeg_url(*frames))
+    assert time.monotonic() - started < 2
+
+
+def test_jpeg_frames_count_against_max_video_decode_bytes(connectors, monkeypatch):
+    _, checked = connectors
+    monkeypatch.setenv("STGRIDPOOL_MAX_VIDEO_DECODE_BYTES", str(3 * 64 * 48 * 3))
+    checked.fetch_video(jpeg_url(*[jpeg(64, 48)] * 3))
+    with pytest.raises(ValueError, match=r"4 sampled video frames of 64x48 decode to 36,864 bytes of RGB, over the "
+                                         r"server's max_video_decode_bytes of 27,648"):
+        checked.fetch_video(jpeg_url(*[jpeg(64, 48)] * 4))
+
+
+def test_jpeg_frames_past_num_frames_are_ignored_as_vllm_ignores_them(connectors):
+    """vLLM decodes the first ``num_frames`` (8) frames only: a ninth that is not a JPEG changes nothing."""
+    _, checked = connectors
+    frames, _ = checked.fetch_video(jpeg_url(*[jpeg(64, 48)] * 8, hostile.png_image())).media
+    assert frames.shape == (8, 48, 64, 3)

@@ -96,7 +96,7 @@ def register() -> None:
     envs.check()  # a malformed STGRIDPOOL_* value stops the server here, not each request later
     from vllm import ModelRegistry
 
-    from vllm_stgridpool.compat import accepted_metrics, media_fetch, request_trust
+    from vllm_stgridpool.compat import accepted_metrics, jpeg_frames, media_fetch, request_trust
     from vllm_stgridpool.compat import model_aliases, video_processor_class
 
     model_aliases.apply(version)  # redirect file first (also fixes 0.32's probe order), then llava-video & co.
@@ -105,6 +105,7 @@ def register() -> None:
     accepted_metrics.apply(version)
     if named_in_vllm_plugins():  # an explicit opt-in: only then change vLLM's error codes
         media_fetch.apply(version)
+        jpeg_frames.apply(version)  # wraps the connector media_fetch registered: after it
     for architecture, family in FAMILIES.items():
         ModelRegistry.register_model(architecture, family.model_class)
     _register_frame_sampling_default(SAFE_LOADER_BY_DEFAULT.applies(version))
@@ -149,12 +150,29 @@ def default_num_frames(settings, model_config, extra_tokens: int) -> int:
     return max(1, min(settings.max_frames, fitting))
 
 
+def check_video_loader_exists(name: str) -> None:
+    """Stop start-up when the video loader the user named is not registered (vLLM would fail every video)."""
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+
+    if name not in VIDEO_LOADER_REGISTRY.name2class:
+        known = ", ".join(sorted(VIDEO_LOADER_REGISTRY.name2class))
+        raise ValueError(f"the video loader {name!r} (video_backend / VLLM_VIDEO_LOADER_BACKEND) is not registered; "
+                         f"registered loaders: {known}")
+
+
+def _holds_its_name(loader_class, name: str) -> bool:
+    """Whether vLLM's video loader registry gives ``loader_class`` for ``name`` (it never takes another's)."""
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+
+    return VIDEO_LOADER_REGISTRY.name2class.get(name) is loader_class
+
+
 def _frame_sampling_hook(previous, extra_tokens: int, safe_loader_by_default: bool):
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
     from vllm_stgridpool.serving.activation import settings_for
     from vllm_stgridpool.compat import request_trust
-    from vllm_stgridpool.video.loader import LOADER_NAME
+    from vllm_stgridpool.video import loader
 
     class STGridPoolFrameSampling(VerifyAndUpdateConfig):
         _stgridpool = True
@@ -170,8 +188,11 @@ def _frame_sampling_hook(previous, extra_tokens: int, safe_loader_by_default: bo
             request_trust.mark_active(settings.max_frames)  # its own request key needs no blanket trust (P6)
             video = mm_config.media_io_kwargs.setdefault("video", {})
             video.setdefault("num_frames", default_num_frames(settings, model_config, extra_tokens))
-            if safe_loader_by_default and "video_backend" not in video and envs.VLLM_VIDEO_LOADER_BACKEND is None:
-                video["video_backend"] = LOADER_NAME  # limits, decode pool (video_loader.py)
+            named = video.get("video_backend") or envs.VLLM_VIDEO_LOADER_BACKEND
+            if named is not None:
+                check_video_loader_exists(named)  # a loader the user names runs, or the server does not start
+            elif safe_loader_by_default and _holds_its_name(loader.PyAVVideoLoader, loader.LOADER_NAME):
+                video["video_backend"] = loader.LOADER_NAME  # limits, decode pool (video/loader.py)
 
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:

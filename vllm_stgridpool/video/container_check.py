@@ -29,7 +29,7 @@ import struct
 
 import numpy as np
 
-__all__ = ["DEMUXERS", "FORMAT_WHITELIST", "ContainerRefused", "identify", "inspect"]
+__all__ = ["DEMUXERS", "FORMAT_WHITELIST", "ContainerRefused", "identify", "inspect", "jpeg_frame_size"]
 
 # FFmpeg demuxer name -> the name users know. Why each: the containers phones, cameras,
 # screen recorders, browsers and editors write (mp4/mov, WebM/Matroska), and the older or
@@ -382,3 +382,39 @@ def _flv_keyframes(data: memoryview, max_packets: int) -> None:
 
 
 _DECLARED_COUNTS = {"mov": _mp4_samples, "avi": _avi_frames, "flv": _flv_keyframes}
+
+
+# --- JPEG frames ------------------------------------------------------------------------------
+
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic coded).
+_JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_UNSIZED_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0-7 carry no length
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` from a JPEG's frame header (its first SOF marker), before anything decodes it.
+
+    :class:`ContainerRefused` when ``data`` is not a JPEG, or its image data
+    starts before any frame header.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        raise ContainerRefused("is not a JPEG image")
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            raise ContainerRefused("is a damaged JPEG image (no marker where one is due)")
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _JPEG_UNSIZED_MARKERS:
+            position += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, position + 2)
+        if marker in _JPEG_FRAME_MARKERS and position + 9 <= len(data):
+            height, width = struct.unpack_from(">HH", data, position + 5)
+            return width, height
+        if marker in (0xD9, 0xDA) or length < 2:  # end of image or start of scan, before any frame header
+            break
+        position += 2 + length
+    raise ContainerRefused("is a JPEG image without a frame header before its image data")
