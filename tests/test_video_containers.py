@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 import time
@@ -306,3 +307,24 @@ def test_jpeg_frames_past_num_frames_are_ignored_as_vllm_ignores_them(connectors
     _, checked = connectors
     frames, _ = checked.fetch_video(jpeg_url(*[jpeg(64, 48)] * 8, hostile.png_image())).media
     assert frames.shape == (8, 48, 64, 3)
+
+
+# --- fuzz ------------------------------------------------------------------------------------------
+
+
+def test_damaged_copies_of_every_container_decode_or_are_refused_cleanly():
+    """600 damaged clips (60 per container: header counts overwritten, bytes flipped, cut short) in a process
+    under a 2 GiB address-space limit: each decodes or is the decoder's own 400, none raises anything else,
+    takes a second, or grows the process by 256 MiB."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.support.container_fuzz", "60", "7"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert set(report) == set(hostile.CONTAINERS)
+    for container, outcome in report.items():
+        assert outcome["other"] == [], (container, outcome["other"])
+        assert outcome["decoded"] + outcome["refused"] == 60
+        assert outcome["slowest_seconds"] < 1.0, (container, outcome)
+        assert outcome["peak_growth_kib"] < 256 * 1024, (container, outcome)

@@ -101,14 +101,17 @@ def open_video(path: str, max_pixels: int, max_packets: int = DEFAULT_MAX_VIDEO_
     limit = {"max_pixels": str(2 * max(1, max_pixels))}
 
     def reopen():
-        source.seek(0)
         container = av.open(
-            source, format=demuxer, options=limit, container_options=_CONTAINER_OPTIONS, io_open=_no_other_files
+            _Upload(source), format=demuxer, options=limit, container_options=_CONTAINER_OPTIONS,
+            io_open=_no_other_files, metadata_errors="replace",
         )
         if container.format.name.split(",")[0] not in container_check.DEMUXERS or not container.streams.video:
             container.close()
             raise UndecodableVideo("Could not decode video: the data holds no video stream (0 frames).")
         stream = container.streams.video[0]
+        if stream.codec_context is None:
+            container.close()
+            raise UndecodableVideo("Could not decode video: there is no decoder for its video codec")
         stream.codec_context.options = dict(limit)  # the decoder refuses larger frames too
         stream.thread_type = "AUTO"
         return container, stream
@@ -153,6 +156,27 @@ def _mapped(path: str) -> mmap.mmap:
             return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError:  # an empty file cannot be mapped
             raise UndecodableVideo("Could not decode video: the video data is empty.") from None
+
+
+class _Upload:
+    """The mapped upload as the file FFmpeg reads: seeks past the end land there, as in a file (and read nothing)."""
+
+    def __init__(self, source: mmap.mmap):
+        self.source, self.position = source, 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self.source) if size < 0 else self.position + size
+        data = self.source[self.position : end]
+        self.position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self.position, len(self.source))[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
 
 
 def _no_other_files(url, flags, options):
