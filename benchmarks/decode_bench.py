@@ -178,10 +178,9 @@ def measure_peak_rss_growth(loader_name: str, video_path: str, num_frames: int) 
     workers: list[int] = []
     if loader_name == "pool":  # start the worker first: its start-up is not decoding
         load(data, 1)
-        from vllm_stgridpool.video.limits import VideoLimits
-        from vllm_stgridpool.video.loader import shared_decode_pool
+        from vllm_stgridpool.video.pipeline import shared_decode_pool
 
-        workers = [str(pid) for pid in shared_decode_pool(VideoLimits.from_env()).worker_pids()]
+        workers = [str(pid) for pid in shared_decode_pool().worker_pids()]
     for pid in ["self", *workers]:
         Path(f"/proc/{pid}/clear_refs").write_text("5")
     baselines = {pid: read_status_kib("VmRSS", pid) for pid in ["self", *workers]}
@@ -200,12 +199,11 @@ def peak_rss_growth_mib(loader_name: str, video_path: Path, num_frames: int) -> 
 
 def worker_cpu_seconds() -> float:
     """CPU seconds the decode pool's workers have used (all their threads)."""
-    from vllm_stgridpool.video.limits import VideoLimits
-    from vllm_stgridpool.video.loader import shared_decode_pool
+    from vllm_stgridpool.video.pipeline import shared_decode_pool
 
     os.environ["STGRIDPOOL_VIDEO_DECODE_WORKERS"] = POOL_WORKERS
     total = 0.0
-    for pid in shared_decode_pool(VideoLimits.from_env()).worker_pids():
+    for pid in shared_decode_pool().worker_pids():
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total

@@ -381,10 +381,16 @@ def test_limits_are_not_request_options(monkeypatch):
 
 
 def pool():
-    from vllm_stgridpool.video.limits import VideoLimits
-    from vllm_stgridpool.video.loader import shared_decode_pool
+    from vllm_stgridpool.video.pipeline import shared_decode_pool
 
-    return shared_decode_pool(VideoLimits.from_env())
+    return shared_decode_pool()
+
+
+def budget():
+    from vllm_stgridpool.video.limits import VideoLimits
+    from vllm_stgridpool.video.pipeline import shared_budget
+
+    return shared_budget(VideoLimits.from_env())
 
 
 def test_frames_come_back_through_shared_memory_from_a_reused_worker(videos):
@@ -401,41 +407,24 @@ def test_frames_come_back_through_shared_memory_from_a_reused_worker(videos):
     assert set(pool().worker_pids()) == workers
 
 
-def test_budget_waits_its_turn_then_answers_busy():
-    import threading
-    import time
-
-    from vllm_stgridpool.video.decode_pool import DecodeBudget, DecoderBusy
-
-    budget = DecodeBudget(100)
-    with budget.reserve(60, time.monotonic() + 1):
-        with pytest.raises(DecoderBusy, match="decoding 60 bytes.*needs 41 more.*budget of 100 bytes"):
-            with budget.reserve(41, time.monotonic() + 0.2):
-                pass
-        admitted = threading.Event()
-
-        def second():
-            with budget.reserve(41, time.monotonic() + 30):
-                admitted.set()
-
-        waiter = threading.Thread(target=second)
-        waiter.start()
-        assert not admitted.wait(0.3)  # waits while the first holds its share
-    waiter.join(30)
-    assert admitted.is_set() and budget.in_flight == 0
-
-
-def test_a_full_budget_is_a_503_after_the_wait(videos, monkeypatch):
+def test_a_full_budget_is_a_503_with_retry_after_at_half_the_deadline(videos, monkeypatch):
     import time
 
     from vllm.exceptions import GracefulHTTPError
 
-    monkeypatch.setenv("STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS", "0.5")
-    budget = pool().budget
-    with budget.reserve(budget.capacity, time.monotonic() + 1):
+    from vllm_stgridpool.video.admission import Deadline
+
+    monkeypatch.setenv("STGRIDPOOL_VIDEO_DEADLINE_SECONDS", "2")
+    held = budget().capacity - budget().in_flight
+    budget().acquire(held, Deadline.starting_now(1))
+    try:
+        started = time.monotonic()
         with pytest.raises(GracefulHTTPError, match="video decode budget") as caught:
             PyAVVideoLoader.load_bytes(videos["40f_160x120_30fps"], num_frames=8)
-    assert caught.value.http_status == 503
+        assert 0.9 < time.monotonic() - started < 2
+    finally:
+        budget().release(held)
+    assert caught.value.http_status == 503 and caught.value.retry_after == 1
     assert PyAVVideoLoader.load_bytes(videos["40f_160x120_30fps"], num_frames=8)[0].shape[0] == 8
 
 
@@ -463,7 +452,7 @@ def test_a_worker_ended_mid_decode_fails_that_video_only(signal_name, status):
     thread = threading.Thread(target=decode)
     thread.start()
     deadline = time.monotonic() + 60
-    while pool().budget.in_flight == 0 and time.monotonic() < deadline:  # frames reserved: decoding
+    while budget().in_flight == 0 and time.monotonic() < deadline:  # frames reserved: decoding
         time.sleep(0.005)
     busy = [pid for pid in pool().worker_pids() if worker_is_decoding(pid)] or pool().worker_pids()
     os.kill(busy[0], getattr(signal, signal_name))
@@ -532,20 +521,42 @@ def test_seeking_across_key_frames_and_b_frames_returns_opencvs_frames(num_frame
         assert np.abs(frames[slot].astype(int) - expected[slot].astype(int)).mean() < 1.0, slot
 
 
-def test_released_frame_memory_is_reused_and_live_frames_are_not_overwritten(videos):
-    """The next video writes into the memory of frames no one holds any more, never into live ones."""
+def test_frames_hold_the_budget_until_released_and_are_never_shared(videos):
+    """Each video gets fresh sealed memory: a later video never writes into frames someone still holds,
+    and their bytes stay in the budget until the last view of them is gone."""
     import gc
 
+    gc.collect()
+    idle = budget().in_flight
     data = videos["40f_160x120_30fps"]
     first, _ = PyAVVideoLoader.load_bytes(data, num_frames=8)
     kept = first[2:5]  # a view alone keeps the frames' memory
     expected = kept.copy()
     del first
     gc.collect()
+    assert budget().in_flight == idle + 8 * 160 * 120 * 3
     second, _ = PyAVVideoLoader.load_bytes(videos["150f_128x96_25fps"], num_frames=8)
-    third, _ = PyAVVideoLoader.load_bytes(data, num_frames=16)
     np.testing.assert_array_equal(kept, expected)
-    arenas_before = len(pool().arenas._free)
-    del second, third
+    del second, kept
     gc.collect()
-    assert len(pool().arenas._free) >= arenas_before + 1
+    assert budget().in_flight == idle
+
+
+def test_zero_workers_decode_in_process_under_the_same_deadline(monkeypatch):
+    """300,000 frames behind one key frame: 1.3 s to index, 3 s to sample; a deadline of 2 s stops the decoding
+    at its next frame (HTTP 422). (Opening is not interrupted: the packet cap bounds it.)"""
+    import time
+
+    from vllm.exceptions import VLLMUnprocessableEntityError
+
+    from vllm_stgridpool_testing.sample_videos import time_bomb_mp4
+
+    bomb = time_bomb_mp4(300_000)
+    monkeypatch.setenv("STGRIDPOOL_VIDEO_DECODE_WORKERS", "0")
+    monkeypatch.setenv("STGRIDPOOL_VIDEO_DEADLINE_SECONDS", "2")
+    started = time.monotonic()
+    with pytest.raises(VLLMUnprocessableEntityError, match="deadline of 2 s .* decoding it stopped after"):
+        PyAVVideoLoader.load_bytes(bomb, num_frames=64)
+    assert time.monotonic() - started < 3
+    assert pool().worker_pids() == []
+    assert budget().in_flight == 0

@@ -162,3 +162,41 @@ def growing_m4v(small: tuple[int, int], large: tuple[int, int], frames_each: int
         return b"".join(bytes(packet) for packet in packets)
 
     return encode(*small) + encode(*large)
+
+
+def time_bomb_mp4(num_frames: int, fps: float = 30.0) -> bytes:
+    """An mp4 of ``num_frames`` 16 x 16 MPEG-4 frames with a single key frame: small to send, slow to sample.
+
+    Every sampled frame is reached by decoding from the one key frame, so
+    sampling 64 frames spread over the video decodes nearly all of them
+    (about 10 us each here: 900,000 frames, 8.4 hours at 30 fps, take some 9 s
+    and weigh 11 MB). Built by encoding a key frame and one unchanged frame,
+    then muxing that frame's packet ``num_frames - 1`` times (2 s for 300,000).
+    """
+    import io
+    from fractions import Fraction
+
+    import av
+
+    codec = av.CodecContext.create("mpeg4", "w")
+    codec.width, codec.height, codec.pix_fmt = 16, 16, "yuv420p"
+    codec.time_base, codec.gop_size = Fraction(1, 30), 1_000_000
+    frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
+    packets = []
+    for index in range(2):
+        frame.pts = index
+        packets += codec.encode(frame)
+    packets += codec.encode(None)
+    key, unchanged = bytes(packets[0]), bytes(packets[1])
+    time_base = Fraction(1, 1) / Fraction(fps).limit_denominator(1001)
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        stream.codec_context.extradata = codec.extradata
+        for index in range(num_frames):
+            packet = av.Packet(key if index == 0 else unchanged)
+            packet.pts = packet.dts = index
+            packet.time_base, packet.stream, packet.is_keyframe = time_base, stream, index == 0
+            container.mux(packet)
+    return buffer.getvalue()

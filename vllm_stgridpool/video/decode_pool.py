@@ -1,29 +1,36 @@
-"""Worker processes that decode uploads, so a decoder crash costs one request and not the API server.
+"""Worker processes that decode uploads, treated as untrusted: a decoder taken over by a video cannot hurt the server.
 
 vLLM decodes videos inside its API server process; a native crash there
 (FFmpeg parsing hostile input) would end the server for every client. Here
-each video is decoded by one of a few worker processes started once and
-reused. The frames come back through shared memory (a ``memfd`` the server
-creates, sized from the header and handed to the worker; reused for later
-videos once the frames are released, see :class:`Arenas`), not as a
-pickled copy. Messages are typed msgpack, so a worker taken over by a crafted video
-cannot send the server a pickle. A worker that dies fails only its request
-(:class:`DecoderDied`) and is replaced by the next request that needs one.
+each video is decoded by one of a few worker processes
+(:mod:`~vllm_stgridpool.video.decode_worker`, started with hard limits, a
+scrubbed environment and an empty working directory) that are reused. A
+worker that dies, overruns the video's deadline, hits one of its limits or
+breaks the protocol fails only its own request, and is retired.
 
-The decoded bytes of all videos decoding at once stay under a budget
-(:class:`DecodeBudget`): a request waits for a worker and for its share of
-the budget up to a deadline, then gets :class:`DecoderBusy`.
+Frames come back through shared memory, never a pickled copy: for each
+video the server creates a fresh ``memfd`` of exactly the frames' size,
+sealed against shrinking and growing before the worker sees it (so the
+worker cannot truncate it under the server: SIGBUS). Once the worker has
+answered (its descriptor closed and its mapping gone, else it is retired),
+the server seals it against writing, checks the seals and the size, and maps
+it copy-on-write: nobody can change those pages any more, and a worker never
+gets pages another video used.
 
-This module imports no vLLM: ``python -m vllm_stgridpool.video.decode_pool FD``
-is the worker's entry point.
+Every wait is bounded by the video's :class:`~vllm_stgridpool.video.admission.Deadline`:
+for a worker (at most ``2 x size`` videos wait; then HTTP 503), for each
+reply, for a worker to start. This module imports no vLLM.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
+import math
 import mmap
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,267 +38,211 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Iterator
-from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle, send_handle
+from pathlib import Path
 
-import msgspec
 import numpy as np
 
+from vllm_stgridpool.video import decode_protocol as protocol
+from vllm_stgridpool.video.admission import Deadline
+from vllm_stgridpool.video.decode_protocol import WorkerMisbehaved
 from vllm_stgridpool.video.decoder import FrameSizeMismatch, UndecodableVideo, VideoHeader
 
-__all__ = ["Arenas", "DecodeBudget", "DecodePool", "DecoderBusy", "DecoderDied", "WorkerFailure"]
+__all__ = ["DecodePool", "DecoderDied", "LocalDecoders", "WorkerFailure", "WorkerLimitHit", "WorkerMisbehaved"]
 
-
-# --- messages --------------------------------------------------------------------
-
-
-class Open(msgspec.Struct, tag=True):
-    path: str
-    max_pixels: int
-
-
-class Decode(msgspec.Struct, tag=True):
-    indices: list[int]
-    nbytes: int  # followed by the shared memory's file descriptor
-
-
-class Close(msgspec.Struct, tag=True):
-    pass
-
-
-class Opened(msgspec.Struct, tag=True):
-    header: VideoHeader
-
-
-class Decoded(msgspec.Struct, tag=True):
-    pass
-
-
-class Failed(msgspec.Struct, tag=True):
-    kind: str  # "undecodable", "frame_size" or "internal"
-    message: str
-
-
-_REQUESTS = msgspec.msgpack.Decoder(Open | Decode | Close)
-_REPLIES = msgspec.msgpack.Decoder(Opened | Decoded | Failed)
-_ENCODER = msgspec.msgpack.Encoder()
-
-
-# --- errors the server turns into HTTP answers ----------------------------------------
-
-
-class DecoderBusy(Exception):
-    """No worker or no budget came free before the deadline (HTTP 503)."""
+WORKER_MODULE = "vllm_stgridpool.video.decode_worker"
+# A worker's CPU time over its whole life (RLIMIT_CPU hard limit); it is retired before a video could reach it.
+WORKER_CPU_LIFE_SECONDS = 3600
+# How long a worker may take to start (import PyAV) before its first video.
+START_SECONDS = 30.0
+_CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
+_ALL_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
 class DecoderDied(Exception):
-    """The worker decoding this video ended (crash, kill) or overran the decode timeout."""
+    """The worker decoding this video ended (crash, kill)."""
 
     def __init__(self, message: str, crashed: bool):
         super().__init__(message)
-        self.crashed = crashed  # ended by a crash signal (the input's fault) rather than killed or timed out
+        self.crashed = crashed  # ended by a crash signal (the input's fault) rather than killed from outside
+
+
+class WorkerLimitHit(Exception):
+    """The worker hit one of its hard limits on this video (HTTP 422, naming the limit)."""
 
 
 class WorkerFailure(Exception):
     """A worker's own error that is not the video's fault (HTTP 500)."""
 
 
-_CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
-# Both sides map the frames' pages in one call instead of taking a page fault per 4 KB.
-_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-
-
-# --- the server's side ---------------------------------------------------------------
-
-
-class DecodeBudget:
-    """Bytes of decoded frames that may be in flight at once; reservations wait their turn."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.in_flight = 0
-        self._changed = threading.Condition()
-
-    @contextlib.contextmanager
-    def reserve(self, nbytes: int, deadline: float) -> Iterator[None]:
-        with self._changed:
-            while self.in_flight + nbytes > self.capacity:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DecoderBusy(
-                        f"the server is decoding {self.in_flight:,} bytes of video frames and this video needs "
-                        f"{nbytes:,} more, over its video decode budget of {self.capacity:,} bytes; try again later"
-                    )
-                self._changed.wait(remaining)
-            self.in_flight += nbytes
-        try:
-            yield
-        finally:
-            with self._changed:
-                self.in_flight -= nbytes
-                self._changed.notify_all()
-
-
 class _Worker:
-    """One worker process and the server's end of its socket."""
+    """One worker process, the server's end of its socket, and the calls of one video at a time."""
 
-    def __init__(self) -> None:
-        ours, theirs = socket.socketpair()
+    def __init__(self, module: str, folder: str, memory_bytes: int, deadline: Deadline):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(theirs.fileno())],
+                [sys.executable, "-s", "-m", module, str(theirs.fileno()), str(memory_bytes),
+                 str(WORKER_CPU_LIFE_SECONDS)],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                cwd=folder,
+                env=worker_environment(),
             )
-        self.connection = Connection(ours.detach())
+        self.socket = ours
+        self.memory_bytes = memory_bytes
         self.broken = False
-
-    def send(self, request, handle: int | None = None) -> None:
+        self.network_isolated = False
+        until = min(deadline.at, time.monotonic() + START_SECONDS)
         try:
-            self.connection.send_bytes(_ENCODER.encode(request))
-            if handle is not None:
-                send_handle(self.connection, handle, self.process.pid)
+            ready = self._reply((protocol.Ready,), until, lambda: WorkerFailure("it sent no Ready in time"))
+        except (WorkerFailure, DecoderDied, WorkerMisbehaved) as error:
+            self.retire()
+            raise WorkerFailure(f"a video decoder process did not start: {error}") from None
+        self.network_isolated = ready.network_isolated
+
+    # --- one video's calls ----------------------------------------------------------------
+
+    def open(self, path: str, max_pixels: int, max_packets: int, deadline: Deadline) -> VideoHeader:
+        cpu = math.ceil(deadline.seconds * (os.cpu_count() or 1))
+        self._send(protocol.Open(path=path, max_pixels=max_pixels, max_packets=max_packets, cpu_seconds=cpu))
+        return self._work((protocol.Opened,), deadline, "opening it", max_pixels).header
+
+    def close(self, deadline: Deadline) -> None:
+        """Close the open video and wait for the worker to say so (a crash here is this video's)."""
+        self._send(protocol.Close())
+        self._work((protocol.Closed,), deadline, "closing it")
+
+    def decode(self, indices: list[int], header: VideoHeader, nbytes: int, deadline: Deadline) -> np.ndarray:
+        """The frames as a (T, H, W, 3) uint8 array over sealed shared memory only the server still holds."""
+        handle = _frames_memory(nbytes)
+        try:
+            self._send(protocol.Decode(indices=indices, nbytes=nbytes), handle)
+            self._work((protocol.Decoded,), deadline, "decoding it")
+            shared = self._take_sealed(handle, nbytes)
+        finally:
+            os.close(handle)
+        return np.frombuffer(shared, np.uint8).reshape(len(indices), header.height, header.width, 3)
+
+    # --- the protocol -----------------------------------------------------------------------
+
+    def _send(self, request, handle: int | None = None) -> None:
+        try:
+            protocol.send(self.socket, request, handle)
         except OSError:
             raise self._died() from None
 
-    def receive(self, timeout: float):
+    def _work(self, expected, deadline: Deadline, what: str, max_pixels: int = 0):
+        """The reply to work on the video, due by its deadline (the worker is ended there)."""
+        started = time.monotonic()
+        return self._reply(expected, deadline.at, lambda: deadline.overrun(started, what), max_pixels, what)
+
+    def _reply(self, expected, until: float, timed_out, max_pixels: int = 0, what: str = "starting"):
         try:
-            if not self.connection.poll(timeout):
-                self.stop()
-                self.broken = True
-                raise DecoderDied(f"decoding took longer than {timeout:g} s; the decoder process was ended", False)
-            return _REPLIES.decode(self.connection.recv_bytes())
+            reply = protocol.check_reply(protocol.receive_reply(self.socket, until), expected, max_pixels)
+        except protocol.ReplyTimeout:
+            self.retire()
+            raise timed_out() from None
+        except WorkerMisbehaved as error:
+            self.retire()
+            raise WorkerMisbehaved(f"the video decoder process {error} while {what}; it was replaced") from None
         except (OSError, EOFError):
             raise self._died() from None
+        if isinstance(reply, protocol.Failed):
+            raise self._failure(reply)
+        return reply
 
-    def _died(self) -> DecoderDied:
-        self.broken = True
+    def _failure(self, reply: protocol.Failed) -> Exception:
+        if reply.kind == "undecodable":
+            return UndecodableVideo(reply.message)
+        if reply.kind == "frame_size":
+            return FrameSizeMismatch(reply.message)
+        self.retire()  # a limit hit or an internal error leaves the worker in a state not worth keeping
+        if reply.kind == "memory":
+            return WorkerLimitHit(
+                f"the video decoder ran out of its memory limit of {self.memory_bytes:,} bytes (RLIMIT_DATA, "
+                f"STGRIDPOOL_VIDEO_WORKER_MEMORY_BYTES) on this video: {reply.message}"
+            )
+        if reply.kind == "open_files":
+            return WorkerLimitHit(f"the video decoder reached its limit of open files (RLIMIT_NOFILE): {reply.message}")
+        return WorkerFailure(reply.message)
+
+    def _take_sealed(self, handle: int, nbytes: int) -> mmap.mmap:
+        """Seal the frames' memfd against writes, check it, and map it copy-on-write; retire a worker that kept it."""
         try:
-            code = self.process.wait(timeout=10)
+            fcntl.fcntl(handle, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+        except OSError as error:
+            self.retire()
+            raise WorkerMisbehaved(
+                f"the video decoder process kept the frames' memory mapped after answering ({error.strerror}); "
+                "it was replaced"
+            ) from None
+        seals = fcntl.fcntl(handle, fcntl.F_GET_SEALS)
+        if seals & _ALL_SEALS != _ALL_SEALS or os.fstat(handle).st_size != nbytes:
+            self.retire()
+            raise WorkerMisbehaved("the frames' memory is not sealed at its size; the decoder process was replaced")
+        if _still_holds(self.process.pid, handle):
+            self.retire()  # the frames are sealed and safe, but the worker must not keep their pages alive
+        return mmap.mmap(handle, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def _died(self) -> Exception:
+        self.broken = True
+        cpu = _cpu_seconds(self.process.pid)  # a zombie still reports it, until it is reaped
+        try:
+            code = self.process.wait(timeout=2)
         except subprocess.TimeoutExpired:
             self.stop()
             code = self.process.returncode
+        if code == -signal.SIGXCPU or (code == -signal.SIGKILL and cpu >= WORKER_CPU_LIFE_SECONDS):
+            return WorkerLimitHit(f"the video decoder used up its CPU time limit (RLIMIT_CPU) on this video ({cpu:.0f} s)")
         if code is not None and code < 0:
             name = signal.Signals(-code).name
             return DecoderDied(f"the decoder process ended with {name} while decoding this video", -code in _CRASH_SIGNALS)
         return DecoderDied(f"the decoder process exited with status {code} while decoding this video", False)
 
+    def retire(self) -> None:
+        self.broken = True
+        self.stop()
+
     def stop(self) -> None:
         with contextlib.suppress(OSError):
-            self.connection.close()
+            self.socket.close()
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
 
-
-class PooledDecoder:
-    """One request's use of a worker: open the video, read its header, then decode the sampled frames."""
-
-    def __init__(self, worker: _Worker, budget: DecodeBudget, arenas: Arenas, deadline: float, timeout: float):
-        self._worker, self._budget, self._arenas, self._deadline, self._timeout = worker, budget, arenas, deadline, timeout
-        self._open = False
-
-    def open(self, path: str, max_pixels: int) -> VideoHeader:
-        self._worker.send(Open(path=path, max_pixels=max_pixels))
-        reply = self._result(self._worker.receive(self._timeout))
-        self._open = True
-        return reply.header
-
-    def decode(self, indices: list[int], header: VideoHeader, nbytes: int) -> np.ndarray:
-        """The frames as a (T, H, W, 3) uint8 array over shared memory the worker wrote."""
-        with self._budget.reserve(nbytes, self._deadline):
-            handle, size = self._arenas.take(nbytes)
-            try:
-                self._open = False  # the worker closes the video after any Decode
-                self._worker.send(Decode(indices=indices, nbytes=nbytes), handle)
-                self._result(self._worker.receive(self._timeout))
-                shared = mmap.mmap(handle, nbytes, flags=_MAP_FLAGS)
-            except BaseException:
-                self._arenas.give_back(handle, size)
-                raise
-        # Every view of the frames keeps ``flat`` alive (numpy points views at it): once the
-        # last is gone the arena goes back for the next video.
-        flat = np.frombuffer(shared, np.uint8)
-        weakref.finalize(flat, self._arenas.give_back, handle, size)
-        return flat.reshape(len(indices), header.height, header.width, 3)
-
-    def close(self) -> None:
-        if self._open and not self._worker.broken:
-            self._open = False
-            self._worker.send(Close())
-
-    @staticmethod
-    def _result(reply):
-        if isinstance(reply, Failed):
-            if reply.kind == "undecodable":
-                raise UndecodableVideo(reply.message)
-            if reply.kind == "frame_size":
-                raise FrameSizeMismatch(reply.message)
-            raise WorkerFailure(reply.message)
-        return reply
-
-
-class InProcessDecoder:
-    """:class:`PooledDecoder`'s interface, decoding in this process (a pool of size 0: no crash containment)."""
-
-    def __init__(self, budget: DecodeBudget, deadline: float):
-        self._budget, self._deadline = budget, deadline
-        self._video = None
-
-    def open(self, path: str, max_pixels: int) -> VideoHeader:
-        from vllm_stgridpool.video.decoder import open_video
-
-        self._video = open_video(path, max_pixels)
-        return self._video.header
-
-    def decode(self, indices: list[int], header: VideoHeader, nbytes: int) -> np.ndarray:
-        from vllm_stgridpool.video.decoder import decode_frames
-
-        with self._budget.reserve(nbytes, self._deadline):
-            frames = np.empty((len(indices), header.height, header.width, 3), np.uint8)
-            decode_frames(self._video, indices, frames)
-        return frames
-
-    def close(self) -> None:
-        if self._video is not None:
-            self._video.close()
-            self._video = None
+    def worn_out(self, deadline: Deadline) -> bool:
+        """Whether the next video could take the worker past its life's CPU limit (or it died while idle)."""
+        if self.process.poll() is not None:
+            return True
+        return _cpu_seconds(self.process.pid) + deadline.seconds * (os.cpu_count() or 1) >= WORKER_CPU_LIFE_SECONDS
 
 
 class DecodePool:
-    """Up to ``size`` worker processes, started on demand and reused (0: decode in this process)."""
+    """Up to ``size`` worker processes, started on demand and reused; at most ``2 x size`` videos wait for one."""
 
-    def __init__(self, size: int, budget: DecodeBudget):
+    def __init__(self, size: int, memory_bytes: int, worker_module: str = WORKER_MODULE):
+        if size < 1:
+            raise ValueError(f"a decode pool has at least one worker, not {size}")
         self.size = size
-        self.budget = budget
-        self.arenas = Arenas(keep_bytes=min(ARENA_CACHE_BYTES, budget.capacity))
+        self.memory_bytes = memory_bytes
+        self.max_waiting = 2 * size
+        self.waiting = 0
+        self._module = worker_module
+        self._folder = tempfile.mkdtemp(prefix="stgridpool-decode-")
+        os.chmod(self._folder, 0o500)  # empty, and not writable: the workers' working directory
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
+        self._starting = 0
         self._changed = threading.Condition()
         atexit.register(self.shutdown)
 
     @contextlib.contextmanager
-    def decoder(self, wait_seconds: float, timeout: float) -> Iterator[PooledDecoder]:
-        """A worker for one video; waits at most ``wait_seconds`` for it and for budget."""
-        deadline = time.monotonic() + wait_seconds
-        if self.size <= 0:
-            local = InProcessDecoder(self.budget, deadline)
-            try:
-                yield local
-            finally:
-                local.close()
-            return
-        worker = self._acquire(deadline, wait_seconds)
-        session = PooledDecoder(worker, self.budget, self.arenas, deadline, timeout)
+    def worker(self, deadline: Deadline) -> Iterator[_Worker]:
+        """A worker for one video, waited for until ``deadline.waiting_ends`` at most (then ``DecoderBusy``)."""
+        worker = self._acquire(deadline)
         try:
-            yield session
-            session.close()
-        except BaseException:
-            with contextlib.suppress(DecoderDied):
-                session.close()
-            raise
+            yield worker
         finally:
             self._release(worker)
 
@@ -304,26 +255,48 @@ class DecodePool:
             workers, self._idle, self._all = list(self._all), [], set()
         for worker in workers:
             worker.stop()
-        self.arenas.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
 
-    def _acquire(self, deadline: float, wait_seconds: float) -> _Worker:
+    def _acquire(self, deadline: Deadline) -> _Worker:
         with self._changed:
-            while not self._idle and len(self._all) >= self.size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DecoderBusy(
-                        f"all {self.size} video decoder processes stayed busy for {wait_seconds:g} s; try again later"
-                    )
-                self._changed.wait(remaining)
+            if not self._free() and self.waiting >= self.max_waiting:
+                raise deadline.busy(
+                    f"all {self.size} video decoder processes are busy and {self.waiting} videos already wait for "
+                    "one; try again later"
+                )
+            self.waiting += 1
+            try:
+                while not self._free():
+                    remaining = deadline.waiting_ends - time.monotonic()
+                    if remaining <= 0:
+                        raise deadline.busy(
+                            f"all {self.size} video decoder processes stayed busy for half of the server's video "
+                            f"deadline of {deadline.seconds:g} s; try again later"
+                        )
+                    self._changed.wait(remaining)
+            finally:
+                self.waiting -= 1
             while self._idle:
                 worker = self._idle.pop()
-                if worker.process.poll() is None:
+                if not worker.worn_out(deadline):
                     return worker
-                self._all.discard(worker)  # died while idle (the OOM killer, an operator): no request lost
+                self._all.discard(worker)  # died while idle, or old: no request lost
                 worker.stop()
-            worker = _Worker()
+            self._starting += 1
+        try:
+            worker = _Worker(self._module, self._folder, self.memory_bytes, deadline)
+        except BaseException:
+            with self._changed:
+                self._starting -= 1
+                self._changed.notify()
+            raise
+        with self._changed:
+            self._starting -= 1
             self._all.add(worker)
-            return worker
+        return worker
+
+    def _free(self) -> bool:
+        return bool(self._idle) or len(self._all) + self._starting < self.size
 
     def _release(self, worker: _Worker) -> None:
         if worker.broken:
@@ -336,120 +309,111 @@ class DecodePool:
             self._changed.notify()
 
 
-# Released frame memory kept for the next videos, at most this much: writing pages that are
-# already there is about a third cheaper for the decoder than allocating fresh shared pages.
-ARENA_CACHE_BYTES = 512 * 2**20
+class LocalDecoders:
+    """A pool of size 0: each video is decoded in the calling thread (no crash containment, the same deadline)."""
+
+    size = 0
+
+    @contextlib.contextmanager
+    def worker(self, deadline: Deadline) -> Iterator[_LocalDecoder]:
+        decoder = _LocalDecoder()
+        try:
+            yield decoder
+        finally:
+            decoder.close(deadline)
+
+    def worker_pids(self) -> list[int]:
+        return []
+
+    def shutdown(self) -> None:
+        pass
 
 
-class Arenas:
-    """Shared-memory files (memfd) for frames, reused once the frames they held are released.
+class _LocalDecoder:
+    """:class:`_Worker`'s calls in this process; the deadline is checked after opening and at every frame."""
 
-    A file is reused only for a video that needs at least half of it, and
-    files beyond ``keep_bytes`` in all are closed. The pages of a kept file
-    are the machine's memory (not any process's RSS while unmapped).
+    def __init__(self) -> None:
+        self._video = None
+
+    def open(self, path: str, max_pixels: int, max_packets: int, deadline: Deadline) -> VideoHeader:
+        from vllm_stgridpool.video.decoder import open_video
+
+        self.close(deadline)
+        started = time.monotonic()
+        self._video = open_video(path, max_pixels, max_packets)  # bounded by max_packets, not interruptible
+        if time.monotonic() > deadline.at:
+            raise deadline.overrun(started, "opening it")
+        return self._video.header
+
+    def decode(self, indices: list[int], header: VideoHeader, nbytes: int, deadline: Deadline) -> np.ndarray:
+        from vllm_stgridpool.video.decoder import decode_frames
+
+        started = time.monotonic()
+
+        def checkpoint() -> None:
+            if time.monotonic() > deadline.at:
+                raise deadline.overrun(started, "decoding it")
+
+        self._video.checkpoint = checkpoint
+        frames = np.empty((len(indices), header.height, header.width, 3), np.uint8)
+        try:
+            decode_frames(self._video, indices, frames)
+        finally:
+            self.close(deadline)
+        return frames
+
+    def close(self, deadline: Deadline) -> None:
+        if self._video is not None:
+            self._video.close()
+            self._video = None
+
+    def retire(self) -> None:
+        self.close(None)
+
+
+def worker_environment() -> dict[str, str]:
+    """What a worker gets of the server's environment: nothing but how to find Python packages.
+
+    Tokens, keys and proxies in the server's environment stay there.
     """
-
-    def __init__(self, keep_bytes: int):
-        self.keep_bytes = keep_bytes
-        self._free: list[tuple[int, int]] = []  # (size, handle)
-        self._lock = threading.RLock()  # give_back runs from garbage collection, maybe inside take
-
-    def take(self, nbytes: int) -> tuple[int, int]:
-        with self._lock:
-            fitting = [entry for entry in self._free if nbytes <= entry[0] <= 2 * nbytes]
-            if fitting:
-                entry = min(fitting)
-                self._free.remove(entry)
-                return entry[1], entry[0]
-        return _shared_memory(nbytes), nbytes
-
-    def give_back(self, handle: int, size: int) -> None:
-        with self._lock:
-            kept = sum(entry[0] for entry in self._free)
-            if kept + size <= self.keep_bytes:
-                self._free.append((size, handle))
-                return
-        os.close(handle)
-
-    def close(self) -> None:
-        with self._lock:
-            free, self._free = self._free, []
-        for _, handle in free:
-            os.close(handle)
+    env = {"PATH": os.defpath, "LC_ALL": "C.UTF-8", "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
 
 
-def _shared_memory(nbytes: int) -> int:
-    """A file descriptor of ``nbytes`` of anonymous shared memory (not limited by /dev/shm's size)."""
-    if hasattr(os, "memfd_create"):
-        handle = os.memfd_create("stgridpool-frames", os.MFD_CLOEXEC)
-    else:  # pragma: no cover - not Linux
-        with tempfile.TemporaryFile() as file:
-            handle = os.dup(file.fileno())
+def _frames_memory(nbytes: int) -> int:
+    """A fresh memfd of ``nbytes``, sealed against shrinking and growing (the worker may write it, not resize it)."""
+    handle = os.memfd_create("stgridpool-frames", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(handle, nbytes)
+        fcntl.fcntl(handle, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     except OSError:
         os.close(handle)
         raise
     return handle
 
 
-# --- the worker's side ---------------------------------------------------------------
+def _still_holds(pid: int, handle: int) -> bool:
+    """Whether process ``pid`` still has the memfd ``handle`` open or mapped."""
+    identity = os.fstat(handle)
+    with contextlib.suppress(OSError):
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                entry = os.stat(f"/proc/{pid}/fd/{name}")
+                if (entry.st_dev, entry.st_ino) == (identity.st_dev, identity.st_ino):
+                    return True
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 5 and fields[4] == str(identity.st_ino) and "stgridpool-frames" in line:
+                return True
+    return False
 
 
-def serve(fd: int) -> None:
-    """Answer the server's requests on the socket ``fd`` until the server closes it."""
-    from vllm_stgridpool.video.decoder import decode_frames, open_video
-
-    connection = Connection(fd)
-    video = None
-    while True:
-        try:
-            request = _REQUESTS.decode(connection.recv_bytes())
-        except (EOFError, OSError):
-            return
-        if isinstance(request, Close):
-            if video is not None:
-                video.close()
-                video = None
-            continue
-        try:
-            if isinstance(request, Open):
-                if video is not None:
-                    video.close()
-                    video = None
-                video = open_video(request.path, request.max_pixels)
-                reply = Opened(header=video.header)
-            else:
-                handle = recv_handle(connection)
-                try:
-                    _decode_into_shared(video, request, handle, decode_frames)
-                finally:
-                    os.close(handle)
-                    video.close()
-                    video = None
-                reply = Decoded()
-        except UndecodableVideo as error:
-            reply = Failed(kind="undecodable", message=str(error))
-        except FrameSizeMismatch as error:
-            reply = Failed(kind="frame_size", message=str(error))
-        except Exception as error:  # a bug or resource error here, not the video's fault
-            reply = Failed(kind="internal", message=f"{type(error).__name__}: {error}")
-        try:
-            connection.send_bytes(_ENCODER.encode(reply))
-        except OSError:
-            return
-
-
-def _decode_into_shared(video, request: Decode, handle: int, decode_frames) -> None:
-    """Decode into the server's shared memory; the mapping goes when its last view does (an error's traceback too)."""
-    shared = mmap.mmap(handle, request.nbytes, flags=_MAP_FLAGS)
-    header = video.header
-    out = np.frombuffer(shared, np.uint8).reshape(len(request.indices), header.height, header.width, 3)
-    decode_frames(video, request.indices, out)
-
-
-if __name__ == "__main__":
-    import av  # noqa: F401  (loaded before the first request, not during it)
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server's whole group; the server ends us
-    serve(int(sys.argv[1]))
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of ``pid`` (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

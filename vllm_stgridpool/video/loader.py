@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import threading
+import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any
@@ -39,7 +39,9 @@ from vllm.multimodal.video_decoders import (
     check_frame_pixel_limit,
 )
 from vllm_stgridpool import envs
-from vllm_stgridpool.video.decode_pool import DecodeBudget, DecodePool, DecoderBusy, DecoderDied, WorkerFailure
+from vllm_stgridpool.video.admission import CURRENT_MEMBER, Deadline, DeadlinePassed, DecoderBusy
+from vllm_stgridpool.video.decode_pool import DecoderDied, WorkerFailure, WorkerLimitHit, WorkerMisbehaved
+from vllm_stgridpool.video.pipeline import decode_video, shared_decode_pool
 from vllm_stgridpool.video.limits import VideoLimits
 
 __all__ = [
@@ -105,25 +107,31 @@ class PyAVVideoLoader(VideoLoader):
         """
         limits = VideoLimits.from_env()
         target = VideoTargetMetadata(num_frames=num_frames, fps=fps, max_duration=max_duration)
-        try:
-            with _video_file(data) as path, shared_decode_pool(limits).decoder(
-                envs.STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS, envs.STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS
-            ) as decoder:
-                header = decoder.open(path, limits.max_video_pixels)
-                limits.check_frame_size(header.width, header.height)
-                check_frame_pixel_limit(header.width, header.height)  # vLLM's VLLM_MAX_IMAGE_PIXELS
-                source = cls._prepare_source(
-                    VideoSourceMetadata(
-                        total_frames_num=header.total_frames,
-                        original_fps=header.fps,
-                        # Same arithmetic as vLLM's opencv metadata reader.
-                        duration=header.total_frames / header.fps if header.fps > 0 else 0,
-                    )
+
+        def plan(header):
+            """The server's checks of the header, and the frames to decode (see ``pipeline.Plan``)."""
+            limits.check_frame_size(header.width, header.height)
+            check_frame_pixel_limit(header.width, header.height)  # vLLM's VLLM_MAX_IMAGE_PIXELS
+            source = cls._prepare_source(
+                VideoSourceMetadata(
+                    total_frames_num=header.total_frames,
+                    original_fps=header.fps,
+                    # Same arithmetic as vLLM's opencv metadata reader.
+                    duration=header.total_frames / header.fps if header.fps > 0 else 0,
                 )
-                frame_indices = cls.compute_frames_index_to_sample(source, target, **kwargs)
-                nbytes = limits.check_decoded_size(len(frame_indices), header.width, header.height)
-                frames = decoder.decode(frame_indices, header, nbytes)
-        except (DecoderBusy, DecoderDied, WorkerFailure) as error:
+            )
+            frame_indices = cls.compute_frames_index_to_sample(source, target, **kwargs)
+            nbytes = limits.check_decoded_size(len(frame_indices), header.width, header.height)
+            return frame_indices, nbytes, (source, frame_indices)
+
+        # One deadline from the request's arrival (its media loading started; see compat/video_requests.py).
+        member = CURRENT_MEMBER.get()
+        arrival = member.request.arrival if member is not None else time.monotonic()
+        deadline = Deadline(arrival, envs.STGRIDPOOL_VIDEO_DEADLINE_SECONDS)
+        try:
+            with _video_file(data) as path:
+                frames, (source, frame_indices) = decode_video(path, limits, plan, deadline, member)
+        except _DECODER_ERRORS as error:
             raise _http_error(error) from error
         return frames, cls.create_hf_metadata(
             source=source,
@@ -147,25 +155,6 @@ def register_video_loader() -> type[PyAVVideoLoader]:
 DecordVideoLoader = PyAVVideoLoader
 register_decord_loader = register_video_loader
 
-_pools: dict[int, DecodePool] = {}
-_pools_lock = threading.Lock()
-
-
-def shared_decode_pool(limits: VideoLimits) -> DecodePool:
-    """This process's decode pool of ``STGRIDPOOL_VIDEO_DECODE_WORKERS`` workers, started on first use.
-
-    (A server reads the variable once; a benchmark that changes it gets a
-    second pool, to compare decoding in workers with decoding in-process.)
-    """
-    size = envs.STGRIDPOOL_VIDEO_DECODE_WORKERS
-    with _pools_lock:
-        if size not in _pools:
-            _pools[size] = DecodePool(size, DecodeBudget(limits.decode_budget_bytes))
-        pool = _pools[size]
-        pool.budget.capacity = limits.decode_budget_bytes
-        return pool
-
-
 def decoder_description() -> str:
     """The decoder and the FFmpeg it links, as error messages name it."""
     import av
@@ -174,18 +163,30 @@ def decoder_description() -> str:
     return f"PyAV {av.__version__}, libavcodec {major}.{minor}.{micro}"
 
 
+_DECODER_ERRORS = (DecoderBusy, DeadlinePassed, DecoderDied, WorkerLimitHit, WorkerMisbehaved, WorkerFailure)
+
+
 def _http_error(error: Exception) -> Exception:
-    """The vLLM error the API server answers for a decode pool failure."""
-    from vllm.exceptions import GracefulHTTPError, VLLMServerError, VLLMUnprocessableEntityError
+    """The vLLM error the API server answers for a decoding failure that is not a limit of the header (400)."""
+    from vllm.exceptions import VLLMServerError, VLLMUnprocessableEntityError
 
     if isinstance(error, DecoderBusy):
-        return GracefulHTTPError(f"Could not decode video now: {error}", HTTPStatus.SERVICE_UNAVAILABLE)
+        return busy_error(f"Could not decode video now: {error}", error.retry_after)
     message = f"Could not decode video: the video decoder ({decoder_description()}): {error}"
-    if isinstance(error, DecoderDied) and error.crashed:
-        return VLLMUnprocessableEntityError(message)
-    if isinstance(error, DecoderDied):
-        return GracefulHTTPError(message + "; try again", HTTPStatus.SERVICE_UNAVAILABLE)
+    if isinstance(error, DecoderDied) and not error.crashed:  # killed from outside (OOM killer, operator)
+        return busy_error(message + "; try again", 1)
+    if isinstance(error, (DeadlinePassed, DecoderDied, WorkerLimitHit, WorkerMisbehaved)):
+        return VLLMUnprocessableEntityError(message)  # the video's own doing: it would fail again
     return VLLMServerError(message)
+
+
+def busy_error(message: str, retry_after: int):
+    """HTTP 503 with a ``Retry-After`` of ``retry_after`` seconds (the header is added by compat/retry_after.py)."""
+    from vllm.exceptions import GracefulHTTPError
+
+    error = GracefulHTTPError(message, HTTPStatus.SERVICE_UNAVAILABLE)
+    error.retry_after = retry_after
+    return error
 
 
 @contextlib.contextmanager
