@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,9 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import hostile_videos as hostile
 from tests.support.server_memory import group_rss_bytes
 from tests.support.servers import cpu_server_args, serving
-from vllm_stgridpool_testing.sample_videos import size_bomb_mp4
+from vllm_stgridpool_testing.sample_videos import mp4_bytes, size_bomb_mp4
 
 pytestmark = pytest.mark.engine
 
@@ -191,3 +193,101 @@ def test_a_decoder_killed_mid_decode_fails_that_request_only(server, post, mp4_f
     assert "video decoder (PyAV" in message and "SIGKILL" in message, message
     expect_served()
     assert victim not in decode_workers(pgid)
+
+
+# --- what is inside a file: only video containers, counts the bytes hold, rotation, loader names ------------
+
+# Refusals happen in the API server from the upload's bytes, before a decode worker is asked.
+CONTENT_REFUSAL_SECONDS = 2.0
+CONTENT_RSS_RISE_BOUND = 64 * 2**20
+
+
+def _content_cases() -> dict:
+    """name -> (payload, media type, words the 400's message must hold)."""
+    mp4 = mp4_bytes(10)
+    cases = {
+        "ffconcat": (hostile.ffconcat_script("secretclip.mp4"), "video/mp4", "an ffconcat script"),
+        "ffconcat_subfolder": (hostile.ffconcat_script("sub/x.mp4"), "video/mp4", "an ffconcat script"),
+        "hls": (hostile.hls_playlist("secretclip.mp4"), "video/mp4", "an HLS playlist"),
+        "avi_claiming_20M_frames": (
+            hostile.lying_avi(hostile.clip("avi"), 20_000_000), "video/mp4", "declares 20,000,000 video frames"
+        ),
+        "animated_webp_0x0": (hostile.zero_size_animated_webp(), "video/webp", "a WebP image"),
+        "mp4_0x0": (hostile.no_picture_mp4(mp4), "video/mp4", "frame size of 0x0"),
+        "jpeg_frames_8000x8000": (None, "video/jpeg", "max_video_pixels of 8,294,400"),
+    }
+    for samples in (20_000_000, 50_000_000, 178_000_000):
+        cases[f"index_bomb_{samples // 10**6}M"] = (
+            hostile.index_bomb_mp4(mp4, samples), "video/mp4", f"declares {samples:,} samples in one track"
+        )
+    return cases
+
+
+CONTENT_CASES = _content_cases()
+
+
+def _jpeg_frames_url(count: int, side: int) -> str:
+    """A video/jpeg data URL of ``count`` copies of one ``side`` x ``side`` JPEG (1 MB at 8000)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (40, 90, 140)).save(buffer, format="JPEG", quality=5)
+    frame = base64.b64encode(buffer.getvalue()).decode()
+    return "data:video/jpeg;base64," + ",".join([frame] * count)
+
+
+@pytest.fixture(scope="module")
+def planted_files():
+    """A clip planted where the server writes uploads (``TMPDIR``), as a playlist would name it."""
+    folder = Path(tempfile.gettempdir())
+    planted = [folder / "secretclip.mp4", folder / "sub" / "x.mp4"]
+    planted[1].parent.mkdir(exist_ok=True)
+    for path in planted:
+        path.write_bytes(mp4_bytes(4))
+    yield planted
+    for path in planted:
+        path.unlink(missing_ok=True)
+
+
+def _measured(server, send, capsys, label: str):
+    """``send()``'s response, with its time and the server group's peak RSS rise printed and returned."""
+    with PeakSampler(server.process.pid) as memory:
+        before = memory.peak
+        started = time.monotonic()
+        response = send()
+        seconds = time.monotonic() - started
+    rise = memory.peak - before
+    with capsys.disabled():
+        print(f"\n{label}: HTTP {response.status_code} in {seconds:.3f} s, server group peak RSS {rise / 2**20:+.1f} MiB")
+    return response, seconds, rise
+
+
+@pytest.mark.parametrize("name", sorted(CONTENT_CASES))
+def test_what_is_inside_a_file_is_refused_by_name(server, post, expect_served, planted_files, name, capsys):
+    payload, media_type, words = CONTENT_CASES[name]
+    if payload is None:
+        url = _jpeg_frames_url(8, 8000)
+    else:
+        url = f"data:{media_type};base64," + base64.b64encode(payload).decode()
+    expect_served()
+    response, seconds, rise = _measured(server, lambda: post(url), capsys, f"{name} ({len(url):,} bytes of URL)")
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert words in message, message
+    assert tempfile.gettempdir() not in message and "stgridpool-video-" not in message, message
+    assert seconds < CONTENT_REFUSAL_SECONDS
+    assert rise < CONTENT_RSS_RISE_BOUND
+    expect_served()
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_rotated_videos_are_served(server, post, text_tokens, expect_served, degrees, capsys):
+    """(That the frames reach the model upright, equal to opencv's, is tests/test_video_containers.py.)"""
+    rotated = hostile.rotated_mp4(mp4_bytes(2), degrees)
+    response, _, _ = _measured(server, lambda: post(data_url(rotated)), capsys, f"rotated {degrees}")
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == text_tokens + 2 * FRAME_TOKENS + 1
+    expect_served()
+
