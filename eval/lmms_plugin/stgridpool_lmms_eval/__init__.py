@@ -1,12 +1,14 @@
-"""lmms-eval's ``openai`` chat model, plus a per-request ST-GridPool setting.
+"""lmms-eval's ``openai`` chat model with the authors' protocol and per-request ST-GridPool settings.
 
-Registered with lmms-eval through the ``lmms_eval.models`` entry-point group:
-``lmms-eval --model stgridpool_openai --model_args ...,stgridpool={"kernel_size":3}``.
+Registered with lmms-eval through the ``lmms_eval.models`` entry-point group
+(``lmms-eval --model stgridpool_openai ...``). Nothing is imported from
+lmms-eval here: lmms-eval loads this package while it builds its model
+registry, and the launcher (``python -m stgridpool_lmms_eval.launch``)
+imports it before lmms-eval.
 """
 
-from lmms_eval.models.registry_v2 import ModelManifest
 
-MANIFEST = ModelManifest(
-    model_id="stgridpool_openai",
-    chat_class_path="stgridpool_lmms_eval.model.STGridPoolOpenAI",
-)
+def manifest():
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="stgridpool_openai", chat_class_path="stgridpool_lmms_eval.model.STGridPoolOpenAI")
