@@ -145,7 +145,8 @@ class RequestShaper:
         if self._media_io_kwargs:
             extra_body["media_io_kwargs"] = self._media_io_kwargs
         if self._settings is not None:
-            extra_body["mm_processor_kwargs"] = {**extra_body.get("mm_processor_kwargs", {}), "stgridpool": self._settings}
+            processor_kwargs = extra_body.get("mm_processor_kwargs", {})
+            extra_body["mm_processor_kwargs"] = {**processor_kwargs, "stgridpool": self._settings}
         self._count("requests")
         return self._send(dict(payload, extra_body=extra_body or None))
 
