@@ -82,8 +82,10 @@ bench-batch: setup
 
 bench: bench-op bench-decode bench-serve bench-followup bench-batch
 
-# Accuracy with lmms-eval (0.7.3) in a venv of its own, against `vllm serve` from .venv; see README.md.
-# make eval [MODEL=llava-video] [TASKS=videomme,...] [INCLUDE=dir] [SETTINGS=stock,defaults,...] [FRAMES=64] [LIMIT=n]
+# Accuracy with lmms-eval (0.7.3) in a venv of its own, against `vllm serve` from .venv; see docs/accuracy.md.
+# make eval [MODEL=llava-video] [TASKS=videomme,...] [SETTINGS=stock,defaults,...] [FRAMES=64] [LIMIT=n]
+#           [FPS=1] [PROMPTS=default] [SYSTEM_PROMPT=qwen_1_5] [JUDGE=auto] [CONCURRENCY=n] [INCLUDE=dir]
+# Default TASKS: local stand-ins of the six benchmarks (their lmms-eval task code, synthetic documents).
 EVAL_VENV := .venv-eval
 EVAL_STAMP := $(EVAL_VENV)/.setup-done
 
@@ -102,7 +104,7 @@ eval: setup eval-setup
 
 # The eval pipeline end to end (several servers and lmms-eval runs): kept out of `make test`.
 test-eval: setup eval-setup
-	STGRIDPOOL_TEST_EVAL=1 $(BIN)/python -m pytest -q tests/test_eval.py
+	STGRIDPOOL_TEST_EVAL=1 $(BIN)/python -m pytest -q tests/test_eval.py tests/test_eval_scoring.py
 
 clean:
 	rm -rf $(VENV) $(NEXT_VENV) $(EVAL_VENV) artifacts .pytest_cache
