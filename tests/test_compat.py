@@ -282,7 +282,8 @@ def test_p5_unreachable_url_is_a_client_error():
 @pytest.mark.parametrize(
     ("options", "words"),
     [
-        ({"video_backend": "no-such-backend"}, "video_backend 'no-such-backend'.*decord.*opencv"),
+        ({"video_backend": "no-such-backend"}, "video_backend 'no-such-backend'.*opencv.*pyav"),
+        ({"video_backend": "decord"}, "video_backend 'decord' is not a video loader"),
         ({"num_frames": "all"}, "num_frames"),
         ({"num_frames": 2.5}, "num_frames"),
         ({"num_frames": 0}, "num_frames"),

@@ -237,6 +237,9 @@ def bad_inputs(video, mp4_factory, tmp_path_factory) -> dict[str, tuple[str, dic
         "unknown_video_backend": (
             two, {"media_io_kwargs": {"video": {"video_backend": "no-such-backend"}}}, "video_backend"
         ),
+        "decord_video_backend": (  # the plugin's loader answers to pyav only
+            two, {"media_io_kwargs": {"video": {"video_backend": "decord"}}}, "video_backend 'decord' is not a video loader"
+        ),
         "num_frames_not_a_number": (two, num_frames("all"), "num_frames"),
         "num_frames_over_max": (video(300), num_frames(200), "max_frames"),
         "num_frames_all": (video(300), num_frames(-1), "max_frames"),
@@ -264,7 +267,7 @@ def bad_inputs(video, mp4_factory, tmp_path_factory) -> dict[str, tuple[str, dic
 
 BAD_INPUT_NAMES = [
     "zero_bytes", "zero_frames", "corrupt_bytes", "truncated_mp4", "offsets_past_the_end", "not_a_url",
-    "bad_base64", "unreachable_url", "unknown_video_backend", "num_frames_not_a_number", "num_frames_over_max", "num_frames_all", "override_string", "override_list",
+    "bad_base64", "unreachable_url", "unknown_video_backend", "decord_video_backend", "num_frames_not_a_number", "num_frames_over_max", "num_frames_all", "override_string", "override_list",
     "override_unknown_key", "override_raises_max_frames", "override_disables",
     "kernel_size_zero", "kernel_size_negative", "kernel_size_huge", "kernel_size_over_grid",
     "kernel_size_costlier", "temperature_nan_string", "norm_p_zero", "levels_mismatched",

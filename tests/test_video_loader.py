@@ -18,7 +18,7 @@ import pytest
 from vllm import envs
 from vllm.multimodal.media import ImageMediaIO, MediaConnector, VideoMediaIO
 from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
-from vllm_stgridpool.video.loader import LOADER_NAME, LOADER_NAMES, PyAVVideoLoader, register_video_loader
+from vllm_stgridpool.video.loader import LOADER_NAME, PyAVVideoLoader, register_video_loader, sampled_frame_count
 
 from tests.support.hostile_videos import offsets_past_the_end
 
@@ -100,12 +100,44 @@ def broken_inputs(valid: bytes) -> dict[str, bytes]:
     }
 
 
-def test_registry_resolves_both_names_idempotently():
+def test_the_loader_answers_to_its_own_name_only():
+    """``pyav``, idempotently; ``decord`` means a real decord loader or none (vLLM 0.32 has none)."""
     for _ in range(3):
-        assert register_video_loader() is PyAVVideoLoader
-    for name in ("pyav", "decord"):
-        assert VIDEO_LOADER_REGISTRY.name2class[name] is PyAVVideoLoader
-        assert isinstance(VIDEO_LOADER_REGISTRY.load(name), PyAVVideoLoader)
+        assert register_video_loader()
+    assert VIDEO_LOADER_REGISTRY.name2class[LOADER_NAME] is PyAVVideoLoader
+    assert isinstance(VIDEO_LOADER_REGISTRY.load(LOADER_NAME), PyAVVideoLoader)
+    assert "decord" not in VIDEO_LOADER_REGISTRY.name2class
+
+
+def test_the_loader_never_replaces_another_registration(monkeypatch, caplog):
+    class SomeoneElsesLoader:
+        pass
+
+    monkeypatch.setitem(VIDEO_LOADER_REGISTRY.name2class, LOADER_NAME, SomeoneElsesLoader)
+    assert not register_video_loader()
+    assert VIDEO_LOADER_REGISTRY.name2class[LOADER_NAME] is SomeoneElsesLoader
+    assert "the plugin's loader is not registered" in caplog.text
+
+
+def test_a_video_loader_the_user_names_must_exist():
+    from vllm_stgridpool.plugin import check_video_loader_exists
+
+    check_video_loader_exists("opencv")
+    with pytest.raises(ValueError, match="the video loader 'decord' .* is not registered; registered loaders: .*opencv"):
+        check_video_loader_exists("decord")
+
+
+@pytest.mark.parametrize("total, duration, num_frames, fps", [
+    (10, 1.0, -1, -1), (300, 30.0, 64, -1), (300, 30.0, -1, 2), (300, 30.0, 64, 1.5), (5, 0.2, 64, 1), (1, 0, 8, -1),
+])
+def test_sampled_frame_count_is_what_the_sampler_lists(total, duration, num_frames, fps):
+    """The count checked before the indices are listed equals the length of the list vLLM's sampler makes."""
+    from vllm.multimodal.video_decoders import VideoSourceMetadata, VideoTargetMetadata
+
+    source = VideoSourceMetadata(total_frames_num=total, original_fps=total / duration if duration else 0,
+                                 duration=duration)
+    target = VideoTargetMetadata(num_frames=num_frames, fps=fps, max_duration=300)
+    assert sampled_frame_count(source, target) == len(PyAVVideoLoader.compute_frames_index_to_sample(source, target))
 
 
 @pytest.mark.parametrize("num_frames,fps", SAMPLING_REQUESTS)
@@ -233,9 +265,8 @@ def uncache_envs(monkeypatch):
         monkeypatch.setattr(envs, "__getattr__", envs.__getattr__.__wrapped__)
 
 
-@pytest.mark.parametrize("name", LOADER_NAMES)
-def test_video_media_io_selects_the_loader_by_video_backend(one_frame_mp4, name):
-    video_io = VideoMediaIO(ImageMediaIO(), num_frames=8, video_backend=name)
+def test_video_media_io_selects_the_loader_by_video_backend(one_frame_mp4):
+    video_io = VideoMediaIO(ImageMediaIO(), num_frames=8, video_backend=LOADER_NAME)
     assert isinstance(video_io.video_loader, PyAVVideoLoader)
     frames, metadata = video_io.load_bytes(one_frame_mp4).media
     assert frames.shape[0] == 1
@@ -363,10 +394,13 @@ def test_decoded_bytes_over_max_video_decode_bytes_are_refused(videos, monkeypat
 
 
 def test_frames_larger_than_the_header_stop_decoding_at_the_first():
+    """A stream that grows, in an MPEG-TS (a raw stream is no container: refused at the door)."""
+    from tests.support.hostile_videos import remuxed
     from vllm_stgridpool_testing.sample_videos import growing_m4v
 
+    growing = remuxed(growing_m4v((160, 120), (640, 480), frames_each=4), "m4v", "mpegts")
     with pytest.raises(ValueError, match="frame 4 decodes to 640x480, not the 160x120 its header declares"):
-        PyAVVideoLoader.load_bytes(growing_m4v((160, 120), (640, 480), frames_each=4), num_frames=8)
+        PyAVVideoLoader.load_bytes(growing, num_frames=8)
 
 
 def test_limits_are_not_request_options(monkeypatch):

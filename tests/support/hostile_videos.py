@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import struct
+from fractions import Fraction
 
 import numpy as np
 
@@ -46,6 +47,21 @@ def clip(container: str, num_frames: int = 12, width: int = 64, height: int = 48
         for index in range(num_frames):
             output.mux(stream.encode(av.VideoFrame.from_ndarray(clip_frame(index, width, height), format="rgb24")))
         output.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def remuxed(raw: bytes, demuxer: str, muxer: str) -> bytes:
+    """The packets of ``raw`` (read with ``demuxer``, e.g. ``m4v`` for a raw MPEG-4 Part 2 stream) in a
+    ``muxer`` container, bit for bit: the container's header describes the stream's first headers."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(io.BytesIO(raw), format=demuxer) as source, av.open(buffer, "w", format=muxer) as output:
+        video = source.streams.video[0]
+        stream = output.add_stream_from_template(video)
+        for index, packet in enumerate(packet for packet in source.demux(video) if packet.size):
+            packet.stream, packet.time_base, packet.pts, packet.dts = stream, Fraction(1, 10), index, index
+            output.mux(packet)
     return buffer.getvalue()
 
 

@@ -31,7 +31,7 @@ archs = ["LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForConditional
 print("RESULT " + json.dumps({
     "models": [ModelRegistry.models[a].module_name for a in archs],
     "hooks": [MODELS_CONFIG_MAP[a].__name__ for a in archs],
-    "decord": "decord" in VIDEO_LOADER_REGISTRY.name2class,
+    "loaders": sorted({"pyav", "decord"} & set(VIDEO_LOADER_REGISTRY.name2class)),
     "http": MEDIA_CONNECTOR_REGISTRY.name2class["http"].__name__,
     "redirect_first": getattr(arg_utils.maybe_override_with_speculators, "_stgridpool_alias", False),
 }))
@@ -39,7 +39,8 @@ print("RESULT " + json.dumps({
 
 
 def test_vllm_loads_and_registers_the_plugin():
-    """vLLM 0.33's own plugin loader runs register(): model classes, config hooks, decord, P5, P7."""
+    """vLLM 0.33's own plugin loader runs register(): model classes, config hooks, the pyav loader (and no
+    decord one), P5, P7."""
     env = {**os.environ, "VLLM_PLUGINS": "stgridpool"}
     done = subprocess.run([sys.executable, "-c", REGISTER], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -47,7 +48,7 @@ def test_vllm_loads_and_registers_the_plugin():
     assert json.loads(line.removeprefix("RESULT ")) == {
         "models": ["vllm_stgridpool.models.llava_onevision", "vllm_stgridpool.models.llava_next_video"],
         "hooks": ["STGridPoolFrameSampling", "STGridPoolFrameSampling"],
-        "decord": True,
+        "loaders": ["pyav"],
         "http": "ClientErrorMediaConnector",
         "redirect_first": True,
     }

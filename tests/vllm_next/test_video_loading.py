@@ -1,6 +1,6 @@
 """Video loading on vLLM 0.33: the opencv 1-frame fix the plugin relies on to drop its decord
-default, and 64-frame requests within 0.33's new per-request decode budget (the decord loader's
-full behaviour is tests/test_video_loader.py, which this environment runs too)."""
+default, and 64-frame requests within 0.33's new per-request decode budget (the plugin's ``pyav``
+loader's full behaviour is tests/test_video_loader.py, which this environment runs too)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def eighty_frames(tmp_path_factory):
     return write_mp4(tmp_path_factory.mktemp("v") / "eighty.mp4", 80, 64, 48, 10)
 
 
-@pytest.mark.parametrize("backend", ["opencv", "decord"])
+@pytest.mark.parametrize("backend", ["opencv", "pyav"])
 def test_both_loaders_read_a_one_frame_video(one_frame, backend):
     """vLLM 0.32's opencv loader returned 0 frames here ("Cannot get size of empty video")."""
     from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
@@ -54,7 +54,7 @@ def fetch(url: str, backend: str, limit: int | None, monkeypatch):
     return connector.fetch_video(url).media
 
 
-@pytest.mark.parametrize("backend", ["opencv", "decord"])
+@pytest.mark.parametrize("backend", ["opencv", "pyav"])
 def test_sixty_four_frames_fit_a_budget_of_exactly_their_bytes(eighty_frames, backend, monkeypatch):
     exact = 64 * 48 * 64 * 3
     loaded, metadata = fetch(data_url(eighty_frames), backend, exact, monkeypatch)

@@ -31,7 +31,7 @@ import msgspec
 import numpy as np
 
 from vllm_stgridpool.video import container_check
-from vllm_stgridpool.video.limits import DEFAULT_MAX_VIDEO_PACKETS
+from vllm_stgridpool.video.limits import DEFAULT_MAX_VIDEO_PACKETS, over_max_video_pixels
 
 __all__ = ["FrameSizeMismatch", "OpenVideo", "UndecodableVideo", "VideoHeader", "decode_frames", "open_video"]
 
@@ -129,6 +129,8 @@ def open_video(path: str, max_pixels: int, max_packets: int = DEFAULT_MAX_VIDEO_
             raise UndecodableVideo(
                 f"Could not decode video: its video stream declares a frame size of {stream.width}x{stream.height}"
             )
+        if stream.width * stream.height > max_pixels:  # refused from the header, before the packet index
+            raise UndecodableVideo(over_max_video_pixels(stream.width, stream.height, max_pixels))
         frame_pts, key_pts, key_seek, packets = _packet_index(container, stream, max_packets)
         total_frames = min(stream.frames, packets) if stream.frames > 0 else packets  # a header may claim more
         if total_frames <= 0:
@@ -221,14 +223,21 @@ def _first_frame_turns(container, stream, reopen, frame_pts, key_seek):
 
     FFmpeg attaches the container's display matrix to every decoded frame
     (``frame.rotation``); like opencv, only multiples of 90 degrees turn the
-    frames, and mirroring is ignored.
+    frames, and mirroring is ignored. A first frame that does not decode
+    leaves the frames as they are (a sampled frame that does not decode
+    refuses the video later).
     """
+    import av
+
     if len(frame_pts):
         container.seek(int(key_seek[0]) if len(key_seek) else int(frame_pts[0]), stream=stream, backward=True)
     else:
         container.close()  # reading the packet index used it up; such streams may not seek back
         container, stream = reopen()
-    rotation = next((frame.rotation for frame in container.decode(stream)), 0)
+    try:
+        rotation = next((frame.rotation for frame in container.decode(stream)), 0)
+    except av.FFmpegError:
+        rotation = 0
     return container, stream, (rotation // 90) % 4 if rotation % 90 == 0 else 0
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "VideoTooLarge",
     "default_decode_budget_bytes",
     "machine_memory_bytes",
+    "over_max_video_pixels",
 ]
 
 # The defaults admit 4K UHD (3840 x 2160, and its portrait twin) and 64 such frames decoded.
@@ -70,10 +71,7 @@ class VideoLimits:
     def check_frame_size(self, width: int, height: int) -> None:
         """Refuse a frame size over ``max_video_pixels``."""
         if width * height > self.max_video_pixels:
-            raise VideoTooLarge(
-                f"video frames of {width}x{height} ({width * height:,} pixels) are over the server's "
-                f"max_video_pixels of {self.max_video_pixels:,} (STGRIDPOOL_MAX_VIDEO_PIXELS)"
-            )
+            raise VideoTooLarge(over_max_video_pixels(width, height, self.max_video_pixels))
 
     def check_decoded_size(self, num_frames: int, width: int, height: int) -> int:
         """The RGB bytes of ``num_frames`` decoded frames; refused over ``max_video_decode_bytes`` or the budget."""
@@ -88,6 +86,14 @@ class VideoLimits:
                     f"over the server's {name} of {limit:,} bytes ({variable})"
                 )
         return decoded
+
+
+def over_max_video_pixels(width: int, height: int, max_video_pixels: int) -> str:
+    """Why frames of ``width`` x ``height`` are refused (the decode worker says it too, from the header)."""
+    return (
+        f"video frames of {width}x{height} ({width * height:,} pixels) are over the server's "
+        f"max_video_pixels of {max_video_pixels:,} (STGRIDPOOL_MAX_VIDEO_PIXELS)"
+    )
 
 
 def machine_memory_bytes() -> int:

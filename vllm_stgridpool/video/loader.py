@@ -1,8 +1,8 @@
 """The plugin's video loader for vLLM's video loader registry: limits first, decoding in worker processes.
 
 vLLM decodes uploads inside its API server. This loader, registered as
-``pyav`` (and as ``decord``, the name earlier versions used), makes that
-safe for untrusted videos:
+``pyav`` (unless another loader has that name: it never replaces one),
+makes that safe for untrusted videos:
 
 * the container's header is read first, and a video over the server's
   limits (``video_limits``) is refused with HTTP 400 before any frame is
@@ -24,6 +24,8 @@ ST-GridPool active on 0.32 it is the default.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,19 +44,21 @@ from vllm_stgridpool import envs
 from vllm_stgridpool.video.admission import CURRENT_MEMBER, Deadline, DeadlinePassed, DecoderBusy
 from vllm_stgridpool.video.decode_pool import DecoderDied, WorkerFailure, WorkerLimitHit, WorkerMisbehaved
 from vllm_stgridpool.video.pipeline import decode_video, shared_decode_pool
+from vllm_stgridpool.video import container_check
 from vllm_stgridpool.video.limits import VideoLimits
 
 __all__ = [
     "LOADER_NAME",
-    "LOADER_NAMES",
     "PyAVVideoLoader",
     "decoder_description",
     "register_video_loader",
+    "sampled_frame_count",
     "shared_decode_pool",
 ]
 
+logger = logging.getLogger("vllm.stgridpool")
+
 LOADER_NAME = "pyav"
-LOADER_NAMES = (LOADER_NAME, "decord")  # "decord": the name of this loader before it decoded with PyAV
 
 
 class PyAVVideoLoader(VideoLoader):
@@ -107,9 +111,11 @@ class PyAVVideoLoader(VideoLoader):
         """
         limits = VideoLimits.from_env()
         target = VideoTargetMetadata(num_frames=num_frames, fps=fps, max_duration=max_duration)
+        container_check.inspect(data, limits.max_video_packets)  # not a video container: 400 before any worker
 
         def plan(header):
             """The server's checks of the header, and the frames to decode (see ``pipeline.Plan``)."""
+            limits.check_header(header.width, header.height, header.total_frames, len(data))
             limits.check_frame_size(header.width, header.height)
             check_frame_pixel_limit(header.width, header.height)  # vLLM's VLLM_MAX_IMAGE_PIXELS
             source = cls._prepare_source(
@@ -120,6 +126,8 @@ class PyAVVideoLoader(VideoLoader):
                     duration=header.total_frames / header.fps if header.fps > 0 else 0,
                 )
             )
+            # Checked before the indices are listed: with num_frames -1 that is one per frame.
+            limits.check_decoded_size(sampled_frame_count(source, target), header.width, header.height)
             frame_indices = cls.compute_frames_index_to_sample(source, target, **kwargs)
             nbytes = limits.check_decoded_size(len(frame_indices), header.width, header.height)
             return frame_indices, nbytes, (source, frame_indices)
@@ -140,20 +148,36 @@ class PyAVVideoLoader(VideoLoader):
         )
 
 
-def register_video_loader() -> type[PyAVVideoLoader]:
-    """Register ``PyAVVideoLoader`` under :data:`LOADER_NAMES`; repeated calls are no-ops.
+def sampled_frame_count(source: VideoSourceMetadata, target: VideoTargetMetadata) -> int:
+    """How many frames vLLM's uniform sampler (``VideoBackend.compute_frames_index_to_sample``) picks, counted
+    without listing them."""
+    count = source.total_frames_num
+    if target.num_frames > 0:
+        count = min(target.num_frames, count)
+    if target.fps > 0:
+        count = min(count, math.floor(source.duration * target.fps))
+    return max(1, count)
 
-    The plugin's ``register()`` runs in every vLLM process, so this only
-    touches the registry; the decode pool starts with the first video.
+
+def register_video_loader() -> bool:
+    """Register ``PyAVVideoLoader`` as :data:`LOADER_NAME` unless another loader has that name; whether it is.
+
+    A loader registered under the name before (vLLM's or another plugin's)
+    stays: a user who names it gets it. Repeated calls are no-ops. The
+    plugin's ``register()`` runs in every vLLM process, so this only touches
+    the registry; the decode pool starts with the first video.
     """
-    for name in LOADER_NAMES:
-        VIDEO_LOADER_REGISTRY.register(name)(PyAVVideoLoader)
-    return PyAVVideoLoader
+    holder = VIDEO_LOADER_REGISTRY.name2class.get(LOADER_NAME)
+    if holder is not None and holder is not PyAVVideoLoader:
+        logger.warning(
+            "vllm-stgridpool: a video loader named %r is already registered (%s.%s); the plugin's loader is not "
+            "registered and uploads are not decoded with its limits",
+            LOADER_NAME, holder.__module__, holder.__qualname__,
+        )
+        return False
+    VIDEO_LOADER_REGISTRY.register(LOADER_NAME)(PyAVVideoLoader)
+    return True
 
-
-# The names this module had when it decoded with decord, kept for code written against them.
-DecordVideoLoader = PyAVVideoLoader
-register_decord_loader = register_video_loader
 
 def decoder_description() -> str:
     """The decoder and the FFmpeg it links, as error messages name it."""
