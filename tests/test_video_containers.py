@@ -66,12 +66,7 @@ def opencv_frames(tmp_path, data: bytes) -> np.ndarray:
     path = tmp_path / "opencv.mp4"
     path.write_bytes(data)
     capture = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame[:, :, ::-1])
+    frames = [frame[:, :, ::-1] for _, frame in iter(capture.read, (False, None))]  # read() ends with (False, None)
     capture.release()
     return np.stack(frames)
 
