@@ -97,12 +97,14 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from vllm_stgridpool.compat import accepted_metrics, jpeg_frames, media_fetch, request_trust
-    from vllm_stgridpool.compat import model_aliases, video_processor_class
+    from vllm_stgridpool.compat import model_aliases, retry_after, video_processor_class, video_requests
 
     model_aliases.apply(version)  # redirect file first (also fixes 0.32's probe order), then llava-video & co.
     video_processor_class.apply(version)  # LLaVA-NeXT-Video's published processor files load
     request_trust.apply(version)  # acts only once a served model has ST-GridPool active
     accepted_metrics.apply(version)
+    video_requests.apply(version)  # the loader learns a video's request and its arrival
+    retry_after.apply(version)  # the loader's 503s say when to retry
     if named_in_vllm_plugins():  # an explicit opt-in: only then change vLLM's error codes
         media_fetch.apply(version)
         jpeg_frames.apply(version)  # wraps the connector media_fetch registered: after it
@@ -167,6 +169,21 @@ def _holds_its_name(loader_class, name: str) -> bool:
     return VIDEO_LOADER_REGISTRY.name2class.get(name) is loader_class
 
 
+def default_video_limit():
+    """Videos per prompt with ST-GridPool active and no ``--limit-mm-per-prompt`` for videos: one per media
+    thread of vLLM (``VLLM_MEDIA_LOADING_THREAD_COUNT``, 8), not vLLM's 999.
+
+    The plugin's loader admits a request's videos together: each reads its
+    header and waits on its media thread for the others, so a request never
+    needs more threads than there are (video/admission.py). It also bounds the
+    headers one request makes the workers read before its total is known.
+    """
+    from vllm import envs as vllm_envs
+    from vllm.config.multimodal import VideoDummyOptions
+
+    return VideoDummyOptions(count=vllm_envs.VLLM_MEDIA_LOADING_THREAD_COUNT)
+
+
 def _frame_sampling_hook(previous, extra_tokens: int, safe_loader_by_default: bool):
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
@@ -188,6 +205,8 @@ def _frame_sampling_hook(previous, extra_tokens: int, safe_loader_by_default: bo
             request_trust.mark_active(settings.max_frames)  # its own request key needs no blanket trust (P6)
             video = mm_config.media_io_kwargs.setdefault("video", {})
             video.setdefault("num_frames", default_num_frames(settings, model_config, extra_tokens))
+            if mm_config.limit_per_prompt.get("video") is None:  # no --limit-mm-per-prompt for videos
+                mm_config.limit_per_prompt["video"] = default_video_limit()
             named = video.get("video_backend") or envs.VLLM_VIDEO_LOADER_BACKEND
             if named is not None:
                 check_video_loader_exists(named)  # a loader the user names runs, or the server does not start

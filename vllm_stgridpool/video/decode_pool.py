@@ -18,7 +18,7 @@ it copy-on-write: nobody can change those pages any more, and a worker never
 gets pages another video used.
 
 Every wait is bounded by the video's :class:`~vllm_stgridpool.video.admission.Deadline`:
-for a worker (at most ``2 x size`` videos wait; then HTTP 503), for each
+for a worker (a bounded number of videos wait; then HTTP 503), for each
 reply, for a worker to start. This module imports no vLLM.
 """
 
@@ -219,14 +219,15 @@ class _Worker:
 
 
 class DecodePool:
-    """Up to ``size`` worker processes, started on demand and reused; at most ``2 x size`` videos wait for one."""
+    """Up to ``size`` worker processes, started on demand and reused; at most ``max_waiting`` videos wait for one
+    (default ``2 x size``), the others are busy at once."""
 
-    def __init__(self, size: int, memory_bytes: int, worker_module: str = WORKER_MODULE):
+    def __init__(self, size: int, memory_bytes: int, worker_module: str = WORKER_MODULE, max_waiting: int = 0):
         if size < 1:
             raise ValueError(f"a decode pool has at least one worker, not {size}")
         self.size = size
         self.memory_bytes = memory_bytes
-        self.max_waiting = 2 * size
+        self.max_waiting = max_waiting or 2 * size
         self.waiting = 0
         self._module = worker_module
         self._folder = tempfile.mkdtemp(prefix="stgridpool-decode-")

@@ -94,7 +94,11 @@ def shared_decode_pool() -> DecodePool | LocalDecoders:
     size = envs.STGRIDPOOL_VIDEO_DECODE_WORKERS
     with _lock:
         if size not in _pools:
-            _pools[size] = DecodePool(size, envs.STGRIDPOOL_VIDEO_WORKER_MEMORY_BYTES) if size else LocalDecoders()
+            # As many videos may wait for a worker as vLLM runs loaders at once (or 2 per worker): the
+            # bound bites when VLLM_MEDIA_LOADING_THREAD_COUNT is raised; the deadline bounds the wait.
+            waiting = max(2 * size, _media_threads())
+            memory = envs.STGRIDPOOL_VIDEO_WORKER_MEMORY_BYTES
+            _pools[size] = DecodePool(size, memory, max_waiting=waiting) if size else LocalDecoders()
         return _pools[size]
 
 
@@ -113,7 +117,12 @@ def shared_parking() -> Parking:
     global _parking
     with _lock:
         if _parking is None:
-            from vllm import envs as vllm_envs
-
-            _parking = Parking(vllm_envs.VLLM_MEDIA_LOADING_THREAD_COUNT)
+            _parking = Parking(_media_threads())
         return _parking
+
+
+def _media_threads() -> int:
+    """How many loaders vLLM runs at once: its media thread pool's size."""
+    from vllm import envs as vllm_envs
+
+    return vllm_envs.VLLM_MEDIA_LOADING_THREAD_COUNT
