@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.support import hostile_videos as hostile
-from tests.support.server_memory import group_rss_bytes
+from tests.support.server_memory import PeakSampler
 from tests.support.servers import cpu_server_args, serving
 from vllm_stgridpool_testing.sample_videos import mp4_bytes, size_bomb_mp4
 
@@ -32,7 +32,7 @@ SERVE_ARGS = ("--plugins", "stgridpool", *cpu_server_args())
 FRAME_TOKENS = 169  # 27 x 27 patches pooled with kernel 2: 13 x 13
 REFUSAL_SECONDS = 2.0
 RSS_RISE_BOUND = 200 * 2**20
-DECODE_WORKER = "vllm_stgridpool.video.decode_pool"
+DECODE_WORKER = "vllm_stgridpool.video.decode_worker"
 
 
 def data_url(payload: bytes) -> str:
@@ -73,30 +73,6 @@ def decode_workers(pgid: int) -> list[int]:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class PeakSampler:
-    """Samples a process group's RSS every 20 ms on a thread; ``peak`` is the highest seen."""
-
-    def __init__(self, pgid: int):
-        self.pgid, self.peak = pgid, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, group_rss_bytes(self.pgid))
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> PeakSampler:
-        self.peak = group_rss_bytes(self.pgid)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, group_rss_bytes(self.pgid))
 
 
 @pytest.fixture(scope="module")
