@@ -54,7 +54,7 @@ def test_a_malformed_setting_stops_the_plugin_at_start_up():
     for name, value, says in (
         ("STGRIDPOOL_MAX_VIDEO_PIXELS", "4k", "is not a whole number"),
         ("STGRIDPOOL_VIDEO_DECODE_WORKERS", "-1", "must be at least 0"),
-        ("STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS", "0", "must be at least 0.001"),
+        ("STGRIDPOOL_VIDEO_DEADLINE_SECONDS", "0.5", "must be at least 1.0"),
     ):
         env = {**os.environ, "VLLM_PLUGINS": "stgridpool", name: value}
         done = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)

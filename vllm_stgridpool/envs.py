@@ -51,16 +51,13 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # together, checked before FFmpeg builds its index (video/container_check.py).
     "STGRIDPOOL_MAX_VIDEO_PACKETS": _number("STGRIDPOOL_MAX_VIDEO_PACKETS", 1_000_000, minimum=1),
     # The decode pool (decode_pool.py): worker processes (0 decodes in the API server
-    # itself, without crash containment), the longest wait for a worker and budget
-    # before HTTP 503, and the longest decode before its worker is ended.
+    # itself, without crash containment).
     "STGRIDPOOL_VIDEO_DECODE_WORKERS": _number("STGRIDPOOL_VIDEO_DECODE_WORKERS", min(4, os.cpu_count() or 1)),
     # One deadline per video from its request's arrival (video/admission.py): at most half of
     # it waiting (HTTP 503 with Retry-After), opening, seeking and decoding within the whole
     # (HTTP 422 past it). And each decode worker's memory limit (RLIMIT_DATA, decode_worker.py).
     "STGRIDPOOL_VIDEO_DEADLINE_SECONDS": _number("STGRIDPOOL_VIDEO_DEADLINE_SECONDS", 60.0, float, 1.0),
     "STGRIDPOOL_VIDEO_WORKER_MEMORY_BYTES": _number("STGRIDPOOL_VIDEO_WORKER_MEMORY_BYTES", 2**30, minimum=2**28),
-    "STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS": _number("STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS", 30.0, float, 0.001),
-    "STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS": _number("STGRIDPOOL_VIDEO_DECODE_TIMEOUT_SECONDS", 120.0, float, 0.001),
     # What runs the stage (backend.py): auto (the CPU kernels on CPU, Triton on CUDA where it
     # imports, PyTorch ops otherwise), cpu-kernels, triton or torch.
     "STGRIDPOOL_STAGE_BACKEND": lambda: (os.environ.get("STGRIDPOOL_STAGE_BACKEND") or "auto").strip().lower(),
