@@ -1,7 +1,8 @@
 """The Triton stage (vllm_stgridpool/stage/triton_stage.py, triton_kernels.py) and the backend choice (backend.py).
 
 The kernels run here on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), the code a
-GPU compiles; one test compiles them for two CUDA architectures with the ptxas Triton ships. Expected
+GPU compiles, with the interpreter's large blocks and with a GPU's (test_triton_ptx.py compiles them for
+sm_80 and sm_90 and reads the PTX; test_triton_warmup.py audits compiles and copies). Expected
 values come from the float64 reference (tests/support/reference_stgridpool.py): float64 within 1e-9,
 mosaics in bfloat16 / float16 equal to the float32 reference rounded once per level, pooled tokens
 within the dtype's rounding of the window's largest |x| (the CPU kernels' contract, test_numerics.py).
@@ -13,9 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -24,7 +22,7 @@ from tests.support.reference_stgridpool import nsp as reference_nsp
 from tests.support.reference_stgridpool import ptg, ptg_level, st_gridpool_reference
 
 from vllm_stgridpool import STGridPoolConfig, st_gridpool
-from vllm_stgridpool.stage import backend, cpu_kernels
+from vllm_stgridpool.stage import backend, cpu_kernels, triton_stage
 from vllm_stgridpool.stage.plan import make_plan
 
 pytest.importorskip("triton")
@@ -103,6 +101,18 @@ def test_mosaics_are_the_float32_result_rounded(dtype, grid_sizes, grid_strides)
     assert torch.equal(got, want)
 
 
+def ulps_of_window_largest(got, x, cfg):
+    """The largest error of pooled tokens ``got`` against the float64 reference on the same rounded input
+    ``x``, in units of the dtype's eps times the window's largest |x| (the CPU kernels' contract)."""
+    want = reference(x.double(), cfg)
+    frames = ptg(x.double(), cfg.grid_sizes, cfg.grid_strides)
+    out_h, out_w = want.shape[1:3]
+    k = cfg.kernel_size
+    windows = frames[:, : out_h * k, : out_w * k].abs()
+    largest = windows.unflatten(1, (out_h, k)).unflatten(3, (out_w, k)).amax(dim=(2, 4))
+    return ((got.double() - want).abs() / (torch.finfo(x.dtype).eps * largest)).max().item()
+
+
 @pytest.mark.parametrize("dtype, ulps_allowed", [(torch.bfloat16, 1.0), (torch.float16, 1.0), (torch.float32, 4.0)])
 @pytest.mark.parametrize("kernel_size, temperature", [(2, 1.0), (3, -2.0)])
 def test_outputs_within_the_dtype_rounding(dtype, ulps_allowed, kernel_size, temperature):
@@ -112,15 +122,7 @@ def test_outputs_within_the_dtype_rounding(dtype, ulps_allowed, kernel_size, tem
     3.30 here, as the CPU kernels' 3.30 and the PyTorch-ops path's 2.91 on this input)."""
     cfg = config(kernel_size=kernel_size, temperature=temperature)
     x = randn(16, 27, 27, 32, seed=kernel_size, dtype=dtype)
-    got = st_gridpool(x, cfg).double()
-    want = reference(x.double(), cfg)
-    frames = ptg(x.double(), cfg.grid_sizes, cfg.grid_strides)
-    out_h, out_w = want.shape[1:3]
-    k = kernel_size
-    windows = frames[:, : out_h * k, : out_w * k].abs()
-    largest = windows.unflatten(1, (out_h, k)).unflatten(3, (out_w, k)).amax(dim=(2, 4))
-    ulps = (got - want).abs() / (torch.finfo(dtype).eps * largest)
-    assert ulps.max().item() <= ulps_allowed
+    assert ulps_of_window_largest(st_gridpool(x, cfg), x, cfg) <= ulps_allowed
 
 
 def extreme(shape, dtype, seed):
@@ -176,7 +178,57 @@ def test_matches_the_cpu_kernels_in_float32():
 
 
 # --------------------------------------------------------------------------
-# torch.compile, meta, and CUDA code generation
+# a GPU's blocks: several channel chunks with a masked tail, BLOCK_J as on the GPU
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gpu_blocks(monkeypatch):
+    """The launcher picks the block sizes it picks for a GPU; the kernel still runs interpreted."""
+    monkeypatch.setattr(triton_stage, "_interpreted", lambda: False)
+
+
+GPU_PYRAMID = dict(grid_sizes=(4,), grid_strides=(1,))  # 4 frames of 4 x 4: one 2 x 2 mosaic of 2 x 2 tiles
+
+
+@pytest.mark.parametrize("dtype, dim, chunks, ulps_allowed", [(torch.bfloat16, 3584, 4, 1.0),
+                                                               (torch.float32, 896, 2, 4.0)])
+@pytest.mark.parametrize("kernel_size, temperature, norm_p", [(2, 1.0, 2.0), (3, -2.0, 1.0)])
+def test_gpu_blocks_at_production_widths(gpu_blocks, dtype, dim, chunks, ulps_allowed, kernel_size, temperature,
+                                         norm_p):
+    """D=3584 bfloat16 and D=896 float32 in a GPU's blocks, one output token per program: at kernel_size 2,
+    1,024 channels a block in bfloat16 (four chunks, the last 512 masked) and 512 in float32 (two, the last
+    384 masked); at 3, 256 and 128 (windows of 16). The CPU kernels' contract against the reference."""
+    block = triton_stage.blocks(kernel_size, dim, dtype.itemsize)
+    assert block.BLOCK_J == 1 and block.BLOCK_W == 4 ** math.ceil(math.log2(kernel_size))
+    if kernel_size == 2:
+        assert -(-dim // block.BLOCK_D) == chunks and dim % block.BLOCK_D
+    cfg = config(**GPU_PYRAMID, kernel_size=kernel_size, temperature=temperature, norm_p=norm_p)
+    x = randn(4, 4, 4, dim, seed=dim, dtype=dtype)
+    assert ulps_of_window_largest(st_gridpool(x, cfg), x, cfg) <= ulps_allowed
+
+
+@pytest.mark.parametrize("dtype, dim", [(torch.bfloat16, 3584), (torch.float32, 896)])
+def test_gpu_blocks_mosaics_bit_for_bit(gpu_blocks, dtype, dim):
+    """kernel_size 1: the mosaic, resized chunk by chunk, equals the float32 reference rounded once."""
+    cfg = config(**GPU_PYRAMID, kernel_size=1)
+    x = randn(4, 4, 4, dim, seed=5, dtype=dtype)
+    want = ptg_level(x.float(), 4, 1).to(dtype)
+    assert torch.equal(st_gridpool(x, cfg), want)
+
+
+def test_gpu_blocks_in_float64_on_a_strided_input(gpu_blocks):
+    """float64 in a GPU's blocks (256 channels: four chunks at D=896, the last 128 masked) within 1e-9, for
+    p = 3, on an input whose channels are not innermost (no 128-bit accesses: VEC 1)."""
+    assert triton_stage.blocks(2, 896, 8) == triton_stage.Blocks(1, 4, 256)
+    cfg = config(**GPU_PYRAMID, temperature=30.0, norm_p=3.0)
+    x = randn(4, 896, 4, 4, seed=6).permute(0, 2, 3, 1)
+    assert triton_stage._vector_width(x) == 1 and triton_stage._vector_width(x.contiguous()) == 2
+    assert (st_gridpool(x, cfg) - reference(x, cfg)).abs().max().item() <= 1e-9
+
+
+# --------------------------------------------------------------------------
+# torch.compile and meta
 # --------------------------------------------------------------------------
 
 
@@ -200,47 +252,6 @@ def test_compile_fullgraph_and_the_model_video_path():
     assert torch.equal(torch.compile(video_path, fullgraph=True)(features), st_gridpool(x, cfg).reshape(-1, 4))
     meta = torch.compile(lambda v: st_gridpool(v, cfg), fullgraph=True)(torch.empty(2, 12, 10, 9, 4, device="meta"))
     assert meta.shape == (2, 12, 5, 4, 4) and meta.device.type == "meta"
-
-
-COMPILE_FOR_CUDA = textwrap.dedent("""
-    import inspect, triton, triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from vllm_stgridpool.stage.triton_kernels import stage_level_kernel as kernel
-    names = list(inspect.signature(kernel.fn).parameters)
-    pointer = {tl.float32: "*fp32", tl.float64: "*fp64", tl.bfloat16: "*bf16", tl.float16: "*fp16"}
-    # The launcher passes ints equal to 1 (D's stride, tiny grids) and Triton makes them constants: the third
-    # case compiles that way.
-    ones = dict.fromkeys(["x_sd", "dim", "span_h", "span_w", "tile_h", "tile_w", "out_h", "out_w", "o_sw"], 1)
-    for arch, dtype, acc, norm, k, extra in [(90, tl.bfloat16, tl.float32, 2, 2, {}),
-                                             (80, tl.float64, tl.float64, 0, 3, {}),
-                                             (80, tl.float16, tl.float32, 1, 1, ones)]:
-        const = dict(K=k, NORM=norm, BLOCK_J=1, BLOCK_W=triton.next_power_of_2(k * k), BLOCK_D=256, ACC=acc,
-                     DTYPE=dtype, BF16=dtype == tl.bfloat16, **extra)
-        signature = {n: "constexpr" if n in const else
-                     ({"table_ptr": "*i32", "params_ptr": "*fp64"}.get(n, pointer[dtype]) if n.endswith("_ptr")
-                      else "i32") for n in names}
-        source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in const.items()})
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(enable_fp_fusion=True))
-        ptx = compiled.asm["ptx"]
-        print(arch, dtype, len(compiled.asm["cubin"]), *(ptx.count(op) for op in ("div.approx", "div.full",
-              "sqrt.approx", "div.rn")))
-""")
-
-
-def test_kernel_compiles_for_cuda_with_exact_division():
-    """Code generation the interpreter skips: the kernel compiles to cubins for sm_80 and sm_90 (ptxas
-    ships with Triton, no GPU needed), with arguments Triton turns into constants too, and no division or
-    square root is CUDA's approximate one."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_CUDA], env={**env, "TRITON_DEFAULT_FP_FUSION": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = [line.split() for line in done.stdout.splitlines()]
-    assert len(lines) == 3
-    for _, _, cubin_bytes, approx_div, full_div, approx_sqrt, exact_div in lines:
-        assert int(cubin_bytes) > 0 and int(exact_div) > 0
-        assert (approx_div, full_div, approx_sqrt) == ("0", "0", "0")
 
 
 # --------------------------------------------------------------------------
