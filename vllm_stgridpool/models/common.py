@@ -25,7 +25,7 @@ from vllm.multimodal.parse import VideoEmbeddingItems, VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from vllm_stgridpool.serving import metrics
-from vllm_stgridpool.stage import backend, cpu_kernels
+from vllm_stgridpool.stage import backend, cpu_kernels, triton_stage
 from vllm_stgridpool.serving.activation import plugin_settings, settings_for
 from vllm_stgridpool.serving.budget import VideoFit, fit_video, sample_frames
 from vllm_stgridpool.config import STGridPoolConfig, STGridPoolConfigError, STGridPoolSettings
@@ -285,13 +285,22 @@ def video_configs(
 def stage_settings(hf_config, vllm_config) -> STGridPoolSettings | None:
     """The model's ST-GridPool settings (None: stock); on a CPU engine, the fused kernels are built or loaded
     here, while the engine starts, rather than on the first video (a build takes about 20 s, once per machine).
+    The Triton stage compiles every variant the settings let a request reach here (triton_stage.warm_up),
+    at the features' width, which is the vision tower's or the language model's as the family pools.
     The stage's backend is logged here once, and a STGRIDPOOL_STAGE_BACKEND the device cannot run stops the
     start with the reason."""
     settings = settings_for(hf_config)
     if settings is not None:
         device_type = vllm_config.device_config.device_type
-        if backend.announce(device_type) == backend.CPU_KERNELS and device_type == "cpu":
+        chosen = backend.announce(device_type)
+        if chosen == backend.CPU_KERNELS and device_type == "cpu":
             cpu_kernels.load()
+        elif chosen == backend.TRITON:
+            vision = hf_config.vision_config
+            side = vision.image_size // vision.patch_size
+            widths = sorted({vision.hidden_size, hf_config.text_config.hidden_size})
+            triton_stage.warm_up(settings, side, side, widths, vllm_config.model_config.dtype,
+                                 vllm_config.device_config.device)
     return settings
 
 
