@@ -306,7 +306,8 @@ def test_the_backend_is_logged_once_at_start_up(monkeypatch, caplog):
 @pytest.mark.engine
 def test_a_server_runs_the_chosen_backend_and_logs_it_once(onevision_checkpoint, mp4_factory, tmp_path):
     """A real ``vllm serve`` with the Triton stage (interpreted on this CPU): the choice reaches the worker,
-    which logs it once at start-up, and a 16-frame video is pooled by it into the formula's token count."""
+    which logs it once at start-up and warms the stage up, and a 16-frame video is pooled by it into the
+    formula's token count."""
     import base64
     import json
 
@@ -324,6 +325,10 @@ def test_a_server_runs_the_chosen_backend_and_logs_it_once(onevision_checkpoint,
         log = server.log()
     said = [line for line in log.splitlines() if "ST-GridPool stage backend:" in line]
     assert len(said) == 1 and said[0].endswith("triton on cpu (STGRIDPOOL_STAGE_BACKEND=triton)"), said
+    # The model warmed the stage while the engine started: interpreted, the step tables only (64 frame
+    # counts, the server's pyramid and none).
+    warmed = [line for line in log.splitlines() if "Triton stage warmed up on cpu" in line]
+    assert len(warmed) == 1 and warmed[0].endswith("0 kernel calls (D=32/128, float32), 128 step tables"), warmed
     text = text_tokens(onevision_checkpoint, "What happens?")
     assert response.usage.prompt_tokens == text + 16 * 169 + 1  # the placeholder becomes the video's tokens
 
