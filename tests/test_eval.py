@@ -7,7 +7,9 @@ Two runs of the driver on the tiny checkpoint at 8 frames at most (1 fps):
   frame-folder task), TempCompass's judge off;
 - ``settings``: the VideoMME stand-in under stock pooling, the defaults, NSP
   alone, NSP alone again (a custom setting with the same object) and a setting
-  the server refuses (``kernel_size`` 1).
+  the server refuses (``kernel_size`` 1), against servers with one video
+  decoder that answers HTTP 503 after waiting 1 ms for it, three requests in
+  flight: the 503s are retried and counted.
 
 The weights are random, so the answers mean nothing; what is checked is that
 every document is answered as the authors' harness would ask it (prompt
@@ -62,13 +64,13 @@ RIGHT = {
 }
 
 
-def drive(output: Path, *args: str) -> subprocess.CompletedProcess:
+def drive(output: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    variables = ("MODEL", "TASKS", "SETTINGS", "FRAMES", "LIMIT", "INCLUDE", "FPS", "PROMPTS", "JUDGE", "CONCURRENCY")
     return subprocess.run(
         [sys.executable, str(REPOSITORY / "eval/run_eval.py"), "--frames", str(FRAMES), "--judge", "off",
          "--output", str(output), *args],
         cwd=REPOSITORY, capture_output=True, text=True, timeout=1800,
-        env={k: v for k, v in os.environ.items()
-             if k not in ("MODEL", "TASKS", "SETTINGS", "FRAMES", "LIMIT", "INCLUDE", "FPS", "PROMPTS", "JUDGE")},
+        env={**{k: v for k, v in os.environ.items() if k not in variables}, **env},
     )
 
 
@@ -82,7 +84,9 @@ def full(tmp_path_factory):
 def settings(tmp_path_factory):
     output = tmp_path_factory.mktemp("eval_settings")
     return output, drive(output, "--tasks", "videomme_standin", "--settings", "stock,defaults,nsp_alone",
-                         "--custom", f"nsp_again={NSP}", "--custom", 'kernel1={"kernel_size": 1}')
+                         "--custom", f"nsp_again={NSP}", "--custom", 'kernel1={"kernel_size": 1}',
+                         "--concurrency", "3",
+                         STGRIDPOOL_VIDEO_DECODE_WORKERS="1", STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS="0.001")
 
 
 def report(output: Path) -> dict:
@@ -170,8 +174,8 @@ def test_judge_less_documents_are_counted_and_marked(full):
     output, _ = full
     accuracy = row(output, "defaults")["accuracy"]["tempcompass_standin"]
     logged = samples(output, "defaults", "tempcompass_standin")
+    captioning = len(logged.pop("tempcompass_captioning_standin"))  # always judged
     unread = sum(not s["avg_accuracy"]["match_success"] for task in logged.values() for s in task)
-    captioning = len(logged["tempcompass_captioning_standin"])  # always judged
     assert accuracy["judged"] == unread + captioning and accuracy["unjudged"] == accuracy["judged"]
     assert accuracy["incomplete"] == (accuracy["unjudged"] > 0)
     assert ("(incomplete)" in (output / "report.md").read_text()) == accuracy["incomplete"]
@@ -196,15 +200,27 @@ def test_stock_and_settings_reach_the_server(settings, onevision_checkpoint):
             assert sample["token_counts"][0]["input_tokens"] == expected, (setting, sample["doc_id"])
 
 
-def test_a_pyramid_change_reaches_the_server(settings):
-    """NSP alone has the defaults' token counts; the server's prefix cache tells the requests apart: NSP alone
-    reuses nothing the defaults left (a different video hash), and repeating it reuses every full block."""
+def test_busy_servers_are_waited_for(settings):
+    """Three requests in flight against one decoder: some get HTTP 503, are retried, and every one is answered."""
     output, _ = settings
-    cache = {name: row(output, name)["runs"][0]["prefix_cache"] for name in ("defaults", "nsp_alone", "nsp_again")}
+    rows = [row(output, name) for name in ("stock", "defaults", "nsp_alone", "nsp_again")]
+    assert all(r["failed"] == 0 for r in rows)
+    assert sum(r["busy_retries"] for r in rows) > 0
+    (line,) = [x for x in (output / "report.md").read_text().splitlines() if x.startswith("| defaults:")]
+    assert f"| {row(output, 'defaults')['busy_retries']} |" in line
+
+
+def test_a_pyramid_change_reaches_the_server(settings):
+    """NSP alone has the defaults' token counts; the server's prefix cache tells the requests apart: repeating NSP
+    alone reuses every full 128-token block of every prompt, NSP alone after the defaults does not (its videos
+    hash differently; only documents sharing a video within the run share blocks)."""
+    output, _ = settings
+    cache = {name: row(output, name)["runs"][0]["prefix_cache"] for name in ("nsp_alone", "nsp_again")}
     docs = len(samples(output, "nsp_again", "videomme_standin")["videomme_standin"])
-    assert cache["nsp_alone"]["prefix_cache_hits"] == cache["defaults"]["prefix_cache_hits"]
-    again = cache["nsp_again"]
-    assert again["prefix_cache_hits"] >= again["prefix_cache_queries"] - docs * 128  # 128-token blocks
+    again, alone = cache["nsp_again"], cache["nsp_alone"]
+    assert again["prefix_cache_queries"] == alone["prefix_cache_queries"]  # the same prompts
+    assert again["prefix_cache_hits"] >= again["prefix_cache_queries"] - docs * 128
+    assert alone["prefix_cache_hits"] < alone["prefix_cache_queries"] - docs * 128
 
 
 def test_a_refused_setting_scores_zero_without_parsing(settings):

@@ -8,8 +8,8 @@ video. Model arguments beyond the ``openai`` model's:
   ``{"num_frames": max_frames_num, "fps": fps}``: one frame per second up to
   ``max_frames_num``, uniform beyond (the authors' ``load_video(..., fps=1)``);
   0 samples ``max_frames_num`` frames uniformly;
-- ``system_prompt`` (default ``You are a helpful assistant.``, the ``qwen_1_5``
-  template's); empty sends none;
+- ``system_prompt`` (default ``qwen_1_5``: "You are a helpful assistant.", that
+  conversation template's); ``none`` sends none, other text is sent as it is;
 - ``frame_folder_fps`` (default 3, TVQA's frames): a visual that is a folder
   of images is sent as a ``video/jpeg`` data URL of the frames the authors'
   rule takes from a video at that rate (``frames.py``);
@@ -42,7 +42,7 @@ from lmms_eval.models.chat.openai import OpenAICompatible
 
 from stgridpool_lmms_eval.frames import folder_data_url
 
-QWEN_1_5_SYSTEM = "You are a helpful assistant."
+SYSTEM_PROMPTS = {"qwen_1_5": "You are a helpful assistant.", "none": ""}
 MISSING_VIDEO = "[stgridpool: visual missing] "
 
 
@@ -58,7 +58,7 @@ class STGridPoolOpenAI(OpenAICompatible):
         *args,
         stgridpool=None,
         fps=1,
-        system_prompt=QWEN_1_5_SYSTEM,
+        system_prompt="qwen_1_5",
         frame_folder_fps=3,
         media_io_kwargs_per_request=True,
         busy_retries=8,
@@ -79,7 +79,7 @@ class STGridPoolOpenAI(OpenAICompatible):
             self.client.with_options(max_retries=0),
             settings=settings,
             media_io_kwargs={"video": video} if _true(media_io_kwargs_per_request) else None,
-            system_prompt=str(system_prompt or ""),
+            system_prompt=SYSTEM_PROMPTS.get(str(system_prompt or "none"), str(system_prompt)),
             max_frames=int(self.max_frames_num),
             fps=video.get("fps"),
             frame_folder_fps=float(frame_folder_fps),
