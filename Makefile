@@ -53,6 +53,28 @@ $(NEXT_STAMP): pyproject.toml Makefile tests/vllm_next/requirements.txt
 test-vllm-next: $(NEXT_STAMP)
 	$(NEXT_VENV)/bin/python -m pytest -q -m "not engine" tests/vllm_next tests/test_compat.py tests/test_model_guard.py tests/test_video_loader.py tests/test_models.py
 
+# The Triton stage under each Triton release the supported vLLM CUDA builds pull (vllm 0.32.0 -> torch 2.13.0
+# -> triton 3.7.1; vllm 0.33.0 -> torch 2.14.0 -> triton 3.8.0), each installed without dependencies into
+# .triton-releases/ and put before the venv's own (3.9.0, which `make test` checks): every reachable kernel
+# variant compiled for sm_80 and sm_90 with the PTX checked (report in .triton-releases/report-X.json),
+# the post-warm-up audit, and the interpreter's parity tests. No GPU needed.
+TRITON_RELEASES := 3.7.1 3.8.0
+TRITON_DIR := .triton-releases
+TRITON_TESTS := triton_ptx or triton_warmup or float64_equals or gpu_blocks_at_production or extreme_finite
+
+$(TRITON_DIR)/%/.installed:
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --target $(TRITON_DIR)/$* triton==$*
+	touch $@
+
+.PHONY: test-triton
+test-triton: setup $(foreach release,$(TRITON_RELEASES),$(TRITON_DIR)/$(release)/.installed)
+	for release in $(TRITON_RELEASES); do \
+	  PYTHONPATH=$(CURDIR)/$(TRITON_DIR)/$$release STGRIDPOOL_TRITON_VARIANTS=all \
+	  STGRIDPOOL_TRITON_REPORT=$(CURDIR)/$(TRITON_DIR)/report-$$release.json \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_triton_ptx.py tests/test_triton_warmup.py \
+	    tests/test_triton_stage.py -k "$(TRITON_TESTS)" || exit 1; \
+	done
+
 # vLLM data parallelism and Ray (several engines and a Ray cluster at once), kept out of `make test`.
 RAY_STAMP := $(VENV)/.ray-done
 
