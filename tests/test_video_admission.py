@@ -199,3 +199,14 @@ def test_the_budget_holds_until_vllm_has_processed_the_frames(server, post, caps
     # One video's frames (1.48 GiB) and what vLLM's processor makes of them (1.95 GiB for one such request
     # alone: +3.4 GiB in all); measured +3.2 to +3.9 GiB. Both videos' frames at once would be 5 GiB or more.
     assert memory.rise < 4.5 * 2**30
+
+
+@pytest.mark.engine
+def test_with_no_limit_given_a_prompt_holds_one_video_per_media_thread(post):
+    """No --limit-mm-per-prompt: 8 videos (vLLM's 8 media threads; its own default is 999) are admitted
+    together and served, a ninth is vLLM's 400."""
+    small = mp4_bytes(2)
+    response, _ = post(*[small] * 9)
+    assert response.status_code == 400 and "At most 8 video(s)" in message(response), response.text
+    response, seconds = post(*[small] * 8)
+    assert response.status_code == 200, response.text

@@ -26,9 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 from vllm_stgridpool.compat import Feature, Guard
 
+
+class ContextThreadPool(ThreadPoolExecutor):
+    """A thread pool whose jobs run in a copy of the submitter's context (as ``asyncio.to_thread``'s do)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
+
+
 TRACKER_MODULE = "vllm.renderers.chat_utils"
 CONNECTOR_MODULE = "vllm.multimodal.media.connector"
-
 GUARD = Guard(
     "P10",
     "a request's videos known to the loader, from the request's arrival",
@@ -37,13 +44,6 @@ GUARD = Guard(
         Feature(CONNECTOR_MODULE, "global_thread_pool"),
     ),
 )
-
-
-class ContextThreadPool(ThreadPoolExecutor):
-    """A thread pool whose jobs run in a copy of the submitter's context (as ``asyncio.to_thread``'s do)."""
-
-    def submit(self, fn, /, *args, **kwargs):
-        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
 
 def apply(vllm_version: str) -> bool:

@@ -94,6 +94,15 @@ class Deadline:
     def busy(self, message: str) -> DecoderBusy:
         return DecoderBusy(message, self.retry_after)
 
+    def wait(self, changed: threading.Condition, ready, why_busy) -> None:
+        """Wait on ``changed`` (held) until ``ready()``; still not ready at :attr:`waiting_ends`:
+        :class:`DecoderBusy` saying ``why_busy()``."""
+        while not ready():
+            remaining = self.waiting_ends - time.monotonic()
+            if remaining <= 0:
+                raise self.busy(why_busy())
+            changed.wait(remaining)
+
     def overrun(self, work_started: float, what: str) -> DeadlinePassed:
         worked = time.monotonic() - work_started
         return DeadlinePassed(
@@ -117,15 +126,21 @@ class FrameBudget:
         if nbytes <= 0:
             raise ValueError(f"a reservation is a positive number of bytes, not {nbytes}")
         with self._changed:
-            while self.in_flight + nbytes > self.capacity:
-                remaining = deadline.waiting_ends - time.monotonic()
-                if remaining <= 0:
-                    raise deadline.busy(
-                        f"the server holds {self.in_flight:,} bytes of decoded video frames and this request needs "
-                        f"{nbytes:,} more, over its video decode budget of {self.capacity:,} bytes; try again later"
-                    )
-                self._changed.wait(remaining)
+            deadline.wait(
+                self._changed,
+                lambda: self.in_flight + nbytes <= self.capacity,
+                lambda: f"the server holds {self.in_flight:,} bytes of decoded video frames and this request needs "
+                f"{nbytes:,} more, over its video decode budget of {self.capacity:,} bytes; try again later",
+            )
             self.in_flight += nbytes
+
+    def try_acquire(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` if they fit now."""
+        with self._changed:
+            if nbytes <= 0 or self.in_flight + nbytes > self.capacity:
+                return False
+            self.in_flight += nbytes
+            return True
 
     def release(self, nbytes: int) -> None:
         with self._changed:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import logging
 import math
 import mmap
 import os
@@ -49,6 +50,8 @@ from vllm_stgridpool.video.decode_protocol import WorkerMisbehaved
 from vllm_stgridpool.video.decoder import FrameSizeMismatch, UndecodableVideo, VideoHeader
 
 __all__ = ["DecodePool", "DecoderDied", "LocalDecoders", "WorkerFailure", "WorkerLimitHit", "WorkerMisbehaved"]
+
+logger = logging.getLogger("vllm.stgridpool")
 
 WORKER_MODULE = "vllm_stgridpool.video.decode_worker"
 # A worker's CPU time over its whole life (RLIMIT_CPU hard limit); it is retired before a video could reach it.
@@ -100,6 +103,7 @@ class _Worker:
             self.retire()
             raise WorkerFailure(f"a video decoder process did not start: {error}") from None
         self.network_isolated = ready.network_isolated
+        _say_isolation_once(self.network_isolated)
 
     # --- one video's calls ----------------------------------------------------------------
 
@@ -267,14 +271,12 @@ class DecodePool:
                 )
             self.waiting += 1
             try:
-                while not self._free():
-                    remaining = deadline.waiting_ends - time.monotonic()
-                    if remaining <= 0:
-                        raise deadline.busy(
-                            f"all {self.size} video decoder processes stayed busy for half of the server's video "
-                            f"deadline of {deadline.seconds:g} s; try again later"
-                        )
-                    self._changed.wait(remaining)
+                deadline.wait(
+                    self._changed,
+                    self._free,
+                    lambda: f"all {self.size} video decoder processes stayed busy for half of the server's video "
+                    f"deadline of {deadline.seconds:g} s; try again later",
+                )
             finally:
                 self.waiting -= 1
             while self._idle:
@@ -370,6 +372,19 @@ class _LocalDecoder:
 
     def retire(self) -> None:
         self.close(None)
+
+
+_isolation_said: set[bool] = set()
+
+
+def _say_isolation_once(isolated: bool) -> None:
+    """Log, once per process and outcome, whether workers run without network (see decode_worker)."""
+    if isolated not in _isolation_said:
+        _isolation_said.add(isolated)
+        logger.info(
+            "video decode workers run in a network namespace of their own (no network)" if isolated else
+            "video decode workers share the server's network: this kernel does not let them unshare it"
+        )
 
 
 def worker_environment() -> dict[str, str]:

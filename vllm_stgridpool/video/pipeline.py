@@ -2,13 +2,13 @@
 
 The loader hands :func:`decode_video` the upload's path and a ``plan``
 (its checks of the header: the server's limits, the frames to sample and
-their bytes). A video alone in its request keeps its decoder from header to
-frames and waits for its bytes of the budget in between. A video with
-siblings reads its header, gives the decoder back, and waits for the
-request's other headers (:class:`~vllm_stgridpool.video.admission.VideoRequest`):
-the request is admitted or refused as a whole before any of its videos is
-decoded, then each video opens again for its frames. Either way the bytes
-stay reserved until the frames are garbage.
+their bytes). A video alone in its request whose bytes fit the budget now
+keeps its decoder from header to frames. Otherwise it gives the decoder
+back and waits without one: for its bytes, or (with siblings) for the
+request's other headers (:class:`~vllm_stgridpool.video.admission.VideoRequest`),
+the request being admitted or refused as a whole before any of its videos
+is decoded; then it opens again for its frames. Either way the bytes stay
+reserved until the frames are garbage.
 
 The process's pool, budget and parking are made on first use from the
 environment (``STGRIDPOOL_VIDEO_DECODE_WORKERS`` 0: decoding in this
@@ -40,17 +40,20 @@ def decode_video(
 ) -> tuple[np.ndarray, Any]:
     """``(frames, planned)``: the frames ``plan`` chose, held in the budget until they are garbage."""
     decoders, budget = shared_decode_pool(), shared_budget(limits)
+    alone = member is None or len(member.request.members) == 1
     try:
         if member is not None:
             member.check_outcome()  # another video of the request failed already: no work for this one
         with decoders.worker(deadline) as decoder:
             header = decoder.open(path, limits.max_video_pixels, limits.max_video_packets, deadline)
             indices, nbytes, planned = plan(header)
-            if member is None or len(member.request.members) == 1:
-                budget.acquire(nbytes, deadline)
-                return _decode(decoder, indices, header, nbytes, deadline, budget), planned
-            decoder.close(deadline)
-        member.admit(nbytes, budget, deadline, shared_parking())
+            if alone and budget.try_acquire(nbytes):  # its bytes are free: decode with the worker it has
+                return _decode_held(decoder, indices, header, nbytes, deadline, budget), planned
+            decoder.close(deadline)  # wait for the budget (and the request's other videos) without a worker
+        if member is not None:
+            member.admit(nbytes, budget, deadline, shared_parking())
+        else:
+            budget.acquire(nbytes, deadline)
     except BaseException as error:
         if member is not None:
             member.fail(error)
@@ -69,7 +72,8 @@ def decode_video(
     return frames, planned
 
 
-def _decode(decoder, indices: list[int], header: VideoHeader, nbytes: int, deadline: Deadline, budget: FrameBudget):
+def _decode_held(decoder, indices: list[int], header: VideoHeader, nbytes: int, deadline: Deadline, budget):
+    """Decode with ``nbytes`` already reserved: given back if decoding fails, else held until the frames go."""
     try:
         frames = decoder.decode(indices, header, nbytes, deadline)
     except BaseException:
