@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test test-vllm-next test-distributed bench bench-op bench-decode bench-serve bench-followup bench-batch eval-setup eval test-eval clean
+.PHONY: setup demo test test-vllm-next test-distributed bench bench-op bench-decode bench-burst bench-serve bench-followup bench-batch eval-setup eval test-eval clean
 
 setup: $(STAMP)
 
@@ -92,6 +92,9 @@ bench-op: setup
 
 bench-decode: setup
 	$(BIN)/python benchmarks/decode_bench.py
+
+bench-burst: setup  # not part of bench: about 5 min and several GB (docs/video-loader.md)
+	$(BIN)/python benchmarks/burst_bench.py
 
 bench-serve: setup
 	$(BIN)/python benchmarks/serve_bench.py
