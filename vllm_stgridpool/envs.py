@@ -54,9 +54,11 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # itself, without crash containment).
     "STGRIDPOOL_VIDEO_DECODE_WORKERS": _number("STGRIDPOOL_VIDEO_DECODE_WORKERS", min(4, os.cpu_count() or 1)),
     # One deadline per video from its request's arrival (video/admission.py): at most half of
-    # it waiting (HTTP 503 with Retry-After), opening, seeking and decoding within the whole
-    # (HTTP 422 past it). And each decode worker's memory limit (RLIMIT_DATA, decode_worker.py).
+    # it waiting (HTTP 503 with Retry-After; STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS waits less,
+    # 0: half), opening, seeking and decoding within the whole (HTTP 422 past it). And each
+    # decode worker's memory limit (RLIMIT_DATA, decode_worker.py).
     "STGRIDPOOL_VIDEO_DEADLINE_SECONDS": _number("STGRIDPOOL_VIDEO_DEADLINE_SECONDS", 60.0, float, 1.0),
+    "STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS": _number("STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS", 0.0, float),
     "STGRIDPOOL_VIDEO_WORKER_MEMORY_BYTES": _number("STGRIDPOOL_VIDEO_WORKER_MEMORY_BYTES", 2**30, minimum=2**28),
     # What runs the stage (backend.py): auto (the CPU kernels on CPU, Triton on CUDA where it
     # imports, PyTorch ops otherwise), cpu-kernels, triton or torch.
