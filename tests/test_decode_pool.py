@@ -216,7 +216,7 @@ def test_waiting_for_a_worker_is_bounded_in_count_and_time(hostile):
     release.set()
     holder.join(10)
     assert [o[:2] for o in outcomes] == [(1.0, 1), (1.0, 1)], outcomes
-    assert "stayed busy for half of the server's video deadline of 2 s" in outcomes[0][2]
+    assert "stayed busy for the 1 s a video may wait (of its 2 s deadline)" in outcomes[0][2]
 
 
 # --- the real worker's limits and surroundings ------------------------------------------------
@@ -283,6 +283,16 @@ def test_the_budget_waits_its_turn_then_answers_busy():
     budget.release(60)
     waiter.join(10)
     assert admitted.is_set() and budget.in_flight == 41
+
+
+def test_a_video_waits_half_its_deadline_or_the_servers_shorter_wait():
+    budget = FrameBudget(100)
+    budget.acquire(100, deadline())
+    for waiting, seconds, max_wait in ((0.5, 1.0, 0.0), (0.2, 20.0, 0.2), (0.5, 1.0, 5.0)):
+        started = time.monotonic()
+        with pytest.raises(DecoderBusy):
+            budget.acquire(1, Deadline.starting_now(seconds, max_wait))
+        assert waiting <= time.monotonic() - started < waiting + 0.3
 
 
 def test_the_budget_holds_until_the_last_view_of_the_frames_is_gone():

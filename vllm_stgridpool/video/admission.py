@@ -3,9 +3,10 @@
 * :class:`Deadline`: a video has ``STGRIDPOOL_VIDEO_DEADLINE_SECONDS`` from
   its request's arrival for everything: waiting (for a media thread, a
   decode worker, the budget, the request's other videos) and its own
-  opening, seeking and decoding. Waiting may use half of it; a video still
-  waiting then gets :class:`DecoderBusy` (HTTP 503 with Retry-After), so its
-  own work always has the other half. Work that overruns the deadline is
+  opening, seeking and decoding. Waiting may use half of it (or less:
+  ``STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS``); a video still waiting then gets
+  :class:`DecoderBusy` (HTTP 503 with Retry-After), so its own work always
+  has at least the other half. Work that overruns the deadline is
   :class:`DeadlinePassed` (HTTP 422): the input is deterministic, a retry
   would fail again.
 * :class:`FrameBudget`: the bytes of decoded frames alive at once. A
@@ -68,14 +69,22 @@ class DeadlinePassed(Exception):
 
 @dataclass(frozen=True)
 class Deadline:
-    """``seconds`` from ``arrival`` (``time.monotonic()``), for one video."""
+    """``seconds`` from ``arrival`` (``time.monotonic()``), for one video; waiting at most ``max_wait`` of it
+    (0: half)."""
 
     arrival: float
     seconds: float
+    max_wait: float = 0.0
 
     @classmethod
-    def starting_now(cls, seconds: float) -> Deadline:
-        return cls(time.monotonic(), seconds)
+    def starting_now(cls, seconds: float, max_wait: float = 0.0) -> Deadline:
+        return cls(time.monotonic(), seconds, max_wait)
+
+    @property
+    def waiting_seconds(self) -> float:
+        """How long a video may wait to start: half the deadline, or ``max_wait`` if shorter."""
+        half = self.seconds * WAITING_SHARE
+        return min(self.max_wait, half) if self.max_wait > 0 else half
 
     @property
     def at(self) -> float:
@@ -84,7 +93,7 @@ class Deadline:
     @property
     def waiting_ends(self) -> float:
         """When a video still waiting to start gets :class:`DecoderBusy`."""
-        return self.arrival + self.seconds * WAITING_SHARE
+        return self.arrival + self.waiting_seconds
 
     @property
     def retry_after(self) -> float:
@@ -275,8 +284,8 @@ class VideoRequest:
                 if remaining <= 0 and not self._deciding:
                     read = sum(1 for m in self.members if m.settled)
                     self._refuse(deadline.busy(
-                        f"only {read} of this request's {len(self.members)} videos were read before half of the "
-                        "server's video deadline passed (the server is busy); try again later"
+                        f"only {read} of this request's {len(self.members)} videos were read within the "
+                        f"{deadline.waiting_seconds:g} s a video may wait (the server is busy); try again later"
                     ))
                     break
                 self._changed.wait(max(remaining, 0.05))

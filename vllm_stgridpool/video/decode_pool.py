@@ -274,8 +274,8 @@ class DecodePool:
                 deadline.wait(
                     self._changed,
                     self._free,
-                    lambda: f"all {self.size} video decoder processes stayed busy for half of the server's video "
-                    f"deadline of {deadline.seconds:g} s; try again later",
+                    lambda: f"all {self.size} video decoder processes stayed busy for the {deadline.waiting_seconds:g} s "
+                    f"a video may wait (of its {deadline.seconds:g} s deadline); try again later",
                 )
             finally:
                 self.waiting -= 1

@@ -135,7 +135,7 @@ class PyAVVideoLoader(VideoLoader):
         # One deadline from the request's arrival (its media loading started; see compat/video_requests.py).
         member = CURRENT_MEMBER.get()
         arrival = member.request.arrival if member is not None else time.monotonic()
-        deadline = Deadline(arrival, envs.STGRIDPOOL_VIDEO_DEADLINE_SECONDS)
+        deadline = Deadline(arrival, envs.STGRIDPOOL_VIDEO_DEADLINE_SECONDS, envs.STGRIDPOOL_VIDEO_DECODE_WAIT_SECONDS)
         try:
             with _video_file(data) as path:
                 frames, (source, frame_indices) = decode_video(path, limits, plan, deadline, member)
