@@ -261,7 +261,8 @@ def run_benchmark(args, plan: SettingPlan, benchmark: str, server, includes: lis
 
 
 def score(args, plans: list[SettingPlan], includes: list[Path]) -> dict:
-    """Every run's documents scored by its tasks' own scorers, in lmms-eval's venv."""
+    """Every run's documents scored by its tasks' own scorers, in lmms-eval's venv; a scorer that fails is
+    every setting's error (the runs' outputs stay for a second look)."""
     runs = {f"{run.setting}/{run.benchmark}": str(run.output) for plan in plans for run in plan.runs}
     request = args.output / "score-request.json"
     result = args.output / "scores.json"
@@ -269,9 +270,14 @@ def score(args, plans: list[SettingPlan], includes: list[Path]) -> dict:
                                    "local_only": set(args.benchmarks) <= set(args.standin_names)}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.setdefault("HF_HOME", str(Path("~/.cache/huggingface").expanduser()))
-    with open(args.output / "logs" / "score.log", "w") as log:
-        subprocess.run([str(eval_python(args)), "-m", "stgridpool_lmms_eval.score", str(request), str(result)],
-                       env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    log_path = args.output / "logs" / "score.log"
+    with open(log_path, "w") as log:
+        code = subprocess.run([str(eval_python(args)), "-m", "stgridpool_lmms_eval.score", str(request), str(result)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        for plan in plans:
+            plan.error = plan.error or f"scoring failed with exit status {code} (log: {log_path})"
+        return {}
     return json.loads(result.read_text())
 
 

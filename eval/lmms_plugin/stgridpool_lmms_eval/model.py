@@ -33,21 +33,13 @@ itself; this client does the retrying worth doing.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from lmms_eval.models.chat.openai import OpenAICompatible
 
-from stgridpool_lmms_eval.frames import folder_data_url
+from stgridpool_lmms_eval.request_shaper import MISSING_VIDEO, RequestShaper
 
 SYSTEM_PROMPTS = {"qwen_1_5": "You are a helpful assistant.", "none": ""}
-MISSING_VIDEO = "[stgridpool: visual missing] "
-
-
-class MissingVideo(Exception):
-    """The document's video is not there; the request is not sent."""
 
 
 class STGridPoolOpenAI(OpenAICompatible):
@@ -113,91 +105,3 @@ def _missing_visual_as_text(doc_to_messages):
             return [{"role": "user", "content": [{"type": "text", "text": MISSING_VIDEO + reason}]}]
 
     return messages
-
-
-class RequestShaper:
-    """The OpenAI client, with each chat request shaped as the authors' harness prompts and samples."""
-
-    def __init__(self, client, *, settings, media_io_kwargs, system_prompt, max_frames, fps, frame_folder_fps,
-                 busy_retries, stats_file):
-        self._client = client
-        self._settings = settings
-        self._media_io_kwargs = media_io_kwargs
-        self._system_prompt = system_prompt
-        self._max_frames = max_frames
-        self._fps = fps
-        self._frame_folder_fps = frame_folder_fps
-        self._busy_retries = busy_retries
-        self._stats_file = stats_file
-        self._lock = threading.Lock()
-        self.stats = {"requests": 0, "busy_retries": 0, "missing_visuals": 0, "frame_folders": 0}
-        self.chat = self
-        self.completions = self
-
-    def create(self, **payload):
-        try:
-            payload["messages"] = self._messages(payload["messages"])
-        except MissingVideo:
-            self._count("missing_visuals")
-            raise
-        extra_body = dict(payload.pop("extra_body", None) or {})
-        extra_body.pop("media_io_kwargs", None)
-        if self._media_io_kwargs:
-            extra_body["media_io_kwargs"] = self._media_io_kwargs
-        if self._settings is not None:
-            processor_kwargs = extra_body.get("mm_processor_kwargs", {})
-            extra_body["mm_processor_kwargs"] = {**processor_kwargs, "stgridpool": self._settings}
-        self._count("requests")
-        return self._send(dict(payload, extra_body=extra_body or None))
-
-    def _send(self, payload):
-        from openai import APIStatusError
-
-        for attempt in range(self._busy_retries + 1):
-            try:
-                return self._client.chat.completions.create(**payload)
-            except APIStatusError as error:
-                if error.status_code != 503 or attempt == self._busy_retries:
-                    raise
-                self._count("busy_retries")
-                time.sleep(min(60.0, 2.0 ** (attempt + 1)))
-
-    def _messages(self, messages: list[dict]) -> list[dict]:
-        shaped = []
-        for message in messages:
-            content = message.get("content")
-            if isinstance(content, list):
-                message = {**message, "content": [self._part(part) for part in content]}
-            shaped.append(message)
-        if self._system_prompt and not any(m.get("role") == "system" for m in shaped):
-            shaped.insert(0, {"role": "system", "content": self._system_prompt})
-        return shaped
-
-    def _part(self, part: dict) -> dict:
-        if part.get("type") == "text" and part.get("text", "").startswith(MISSING_VIDEO):
-            raise MissingVideo(part["text"][len(MISSING_VIDEO):])
-        if part.get("type") != "video_url":
-            return part
-        url = part["video_url"]["url"]
-        if not url.startswith("file://"):
-            return part
-        path = Path(unquote(urlparse(url).path))
-        if not path.exists():
-            raise MissingVideo(f"{path} does not exist")
-        if not path.is_dir():
-            return part
-        data_url, _ = folder_data_url(path, self._max_frames, self._frame_folder_fps, self._fps)
-        self._count("frame_folders")
-        return {"type": "video_url", "video_url": {"url": data_url}}
-
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self.stats[key] += 1
-
-    def write_stats(self) -> None:
-        if self._stats_file is not None:
-            with self._lock:
-                self._stats_file.write_text(json.dumps(self.stats) + "\n")
-
-    def __getattr__(self, name):
-        return getattr(self._client, name)
