@@ -18,7 +18,7 @@ rewritten after every row, so a crash loses nothing already measured. Rows:
 4. ``layouts``: a non-contiguous input (channels not innermost) equals the contiguous one bit for bit;
    extreme values (zeros, +-the dtype's largest, subnormals, 1e30) give finite outputs.
 5. ``torch.compile``: the stage inside ``torch.compile(fullgraph=True)`` equals eager.
-6. ``cuda graph``: after the warm-up only (no eager call of the stage, as vLLM captures), a 64-frame
+6. ``cuda graph``: after the warm-up only (no eager call of the stage, as vLLM captures), a 61-frame
    bfloat16 call captured, replayed on new input, equal to eager; a pyramid the warm-up did not know is
    refused under capture with a message.
 7. ``cuda:1`` (when there is one): the stage on cuda:1 while cuda:0 is current equals it on cuda:0.
