@@ -295,6 +295,13 @@ def test_a_video_waits_half_its_deadline_or_the_servers_shorter_wait():
         assert waiting <= time.monotonic() - started < waiting + 0.3
 
 
+def test_a_video_that_sat_in_vllms_queue_past_its_wait_is_busy_before_any_work():
+    late = Deadline(time.monotonic() - 6, 10.0)  # arrived 6 s ago: more than half of 10 s
+    with pytest.raises(DecoderBusy, match=r"waited 6\.\d s for one of vLLM's media threads, past the 5 s"):
+        late.check_not_late()
+    Deadline(time.monotonic() - 4, 10.0).check_not_late()
+
+
 def test_the_budget_holds_until_the_last_view_of_the_frames_is_gone():
     budget = FrameBudget(1000)
     frames = np.zeros((4, 5, 5, 3), np.uint8)

@@ -103,6 +103,16 @@ class Deadline:
     def busy(self, message: str) -> DecoderBusy:
         return DecoderBusy(message, self.retry_after)
 
+    def check_not_late(self) -> None:
+        """:class:`DecoderBusy` if the video reaches the loader after it should have stopped waiting (it sat
+        in vLLM's media queue): its own work would not have the half of the deadline it is owed."""
+        waited = time.monotonic() - self.arrival
+        if waited > self.waiting_seconds:
+            raise self.busy(
+                f"the video waited {waited:.1f} s for one of vLLM's media threads, past the "
+                f"{self.waiting_seconds:g} s a video may wait (the server is busy); try again later"
+            )
+
     def wait(self, changed: threading.Condition, ready, why_busy) -> None:
         """Wait on ``changed`` (held) until ``ready()``; still not ready at :attr:`waiting_ends`:
         :class:`DecoderBusy` saying ``why_busy()``."""

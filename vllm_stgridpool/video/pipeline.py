@@ -42,6 +42,7 @@ def decode_video(
     decoders, budget = shared_decode_pool(), shared_budget(limits)
     alone = member is None or len(member.request.members) == 1
     try:
+        deadline.check_not_late()
         if member is not None:
             member.check_outcome()  # another video of the request failed already: no work for this one
         with decoders.worker(deadline) as decoder:
