@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import pytest
 import torch
 
-from tests.support.reference_stgridpool import nsp as reference_nsp
 from tests.support.reference_stgridpool import ptg, ptg_level, st_gridpool_reference
 
 from vllm_stgridpool import STGridPoolConfig, st_gridpool
