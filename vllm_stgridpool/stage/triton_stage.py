@@ -247,10 +247,10 @@ def run(videos: torch.Tensor, config: STGridPoolConfig) -> torch.Tensor:
     if out.numel() == 0:
         return out
     mosaics = videos.new_empty(call.mosaic_shape) if call.mosaic_shape else out
-    table = step_table(call.table_key, videos.device)
     kernel = _kernel()
     # On the input's device and its current stream, whichever device is current.
     with torch.cuda.device(videos.device) if videos.device.type == "cuda" else contextlib.nullcontext():
+        table = step_table(call.table_key, videos.device)
         for grid, args in call.launches:
             kernel[grid](videos, mosaics, out, table, *args, **call.constants)
     return out
