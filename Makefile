@@ -132,4 +132,4 @@ test-eval: setup eval-setup
 	STGRIDPOOL_TEST_EVAL=1 $(BIN)/python -m pytest -q tests/test_eval.py tests/test_eval_scoring.py
 
 clean:
-	rm -rf $(VENV) $(NEXT_VENV) $(EVAL_VENV) artifacts .pytest_cache
+	rm -rf $(VENV) $(NEXT_VENV) $(EVAL_VENV) $(TRITON_DIR) artifacts .pytest_cache
