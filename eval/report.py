@@ -117,7 +117,8 @@ def plot(rows: list[dict], benchmarks: list[str], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    figure, axes = plt.subplots(figsize=(10, 5))
+    labels: dict[tuple, list[str]] = {}  # settings at the same point share one label
     for index, benchmark in enumerate(benchmarks):
         color = f"C{index % 10}"
         points = [(row, row["accuracy"][benchmark]) for row in rows
@@ -126,15 +127,19 @@ def plot(rows: list[dict], benchmarks: list[str], path) -> None:
             x, y = row["video_tokens"], accuracy.percent
             axes.errorbar(x, y, yerr=accuracy.se, fmt="o", color=color, capsize=3,
                           markerfacecolor="none" if accuracy.incomplete else color)
-            label = row["setting"] + (" (incomplete)" if accuracy.incomplete else "")
-            axes.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 3))
+            names = labels.setdefault((x, round(y, 1)), [])
+            if row["setting"] not in names:
+                names.append(row["setting"])
         if points:
             axes.plot([], [], "o", color=color, label=benchmark)
+    for (x, y), names in labels.items():
+        axes.annotate("\n".join(names), (x, y), fontsize=7, textcoords="offset points", xytext=(4, 3))
     axes.set_xlabel("video tokens for a video at the most frames a request samples")
-    axes.set_ylabel("accuracy (%), ± 1 standard error; hollow: incomplete")
+    axes.set_ylabel("accuracy (%), ± 1 standard error")
+    axes.set_title("hollow: incomplete (a failed request, or a judged reply without a verdict)", fontsize=9)
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=8)
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
