@@ -84,7 +84,7 @@ def benchmark_tasks(benchmark: str, scored: dict) -> dict[str, list[dict]]:
 def markdown(rows: list[dict], benchmarks: list[str]) -> str:
     """``rows``: one per setting with ``setting``, ``description``, ``frames``, ``video_tokens``,
     ``mean_prompt_tokens``, ``docs``, ``failed``, ``busy_retries``, ``error`` and ``accuracy`` per benchmark."""
-    head = ["setting", "frames (max)", f"video tokens at max frames", "mean prompt tokens", "docs", "failed",
+    head = ["setting", "frames (max)", "video tokens at max frames", "mean prompt tokens", "docs", "failed",
             "503 retries", *benchmarks]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in rows:
