@@ -187,7 +187,7 @@ def decode_workers() -> int:
     return int(os.environ.get("STGRIDPOOL_VIDEO_DECODE_WORKERS") or min(4, os.cpu_count() or 1))
 
 
-def lmms_eval_command(args, plan: SettingPlan, benchmark: str, port: int, run: Run, includes: list[Path]) -> list[str]:
+def lmms_eval_command(args, plan: SettingPlan, benchmark: str, port: int, run: Run) -> list[str]:
     model_args = [
         f"model_version={SERVED_NAME}", f"base_url=http://127.0.0.1:{port}/v1", "api_key=EMPTY",
         f"max_frames_num={plan.frames}", f"fps={args.fps}", f"system_prompt={args.system_prompt}",
@@ -201,16 +201,15 @@ def lmms_eval_command(args, plan: SettingPlan, benchmark: str, port: int, run: R
     command = [str(eval_python(args)), "-m", "stgridpool_lmms_eval.launch", "--model", "stgridpool_openai",
                "--model_args", ",".join(model_args), "--tasks", benchmark, "--batch_size", "1",
                "--output_path", str(run.output), "--log_samples", "--verbosity", "WARNING"]
-    for folder in includes:
-        command += ["--include_path", str(folder)]
     if args.limit is not None:
         command += ["--limit", str(args.limit)]
     return command
 
 
-def run_env(args, benchmark: str) -> dict:
+def run_env(args, benchmark: str, includes: list[Path]) -> dict:
     """lmms-eval's environment for one benchmark: a stand-in gets its own Hugging Face home and no hub."""
-    env = {**os.environ, "STGRIDPOOL_EVAL_NO_AGGREGATE": "1"}
+    env = {**os.environ, "STGRIDPOOL_EVAL_NO_AGGREGATE": "1",
+           "STGRIDPOOL_EVAL_INCLUDE": os.pathsep.join(str(p) for p in includes)}
     env.setdefault("HF_HOME", str(Path("~/.cache/huggingface").expanduser()))
     if benchmark in args.standin_names:
         env.update(HF_HOME=str(args.standin_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -238,13 +237,13 @@ def run_benchmark(args, plan: SettingPlan, benchmark: str, server, includes: lis
     run = Run(plan.setting.name, benchmark, args.output / "runs" / plan.setting.name / benchmark)
     shutil.rmtree(run.output, ignore_errors=True)  # a previous run's files would be read as this one's
     run.output.mkdir(parents=True)
-    command = lmms_eval_command(args, plan, benchmark, server.port, run, includes)
+    command = lmms_eval_command(args, plan, benchmark, server.port, run)
     run.command = shlex.join(command)
     print(f"  {plan.setting.name} / {benchmark}", flush=True)
     log = args.output / "logs" / f"lmms-eval-{plan.setting.name}-{benchmark}.log"
     before = prefix_cache(server)
     with open(log, "w") as log_file:
-        run.exit_code = subprocess.run(command, cwd=REPOSITORY, env=run_env(args, benchmark), stdout=log_file,
+        run.exit_code = subprocess.run(command, cwd=REPOSITORY, env=run_env(args, benchmark, includes), stdout=log_file,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
     after = prefix_cache(server)
     run.prefix_cache = {key: after[key] - before.get(key, 0) for key in after}

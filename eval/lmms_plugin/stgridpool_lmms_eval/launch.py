@@ -11,8 +11,10 @@ Set before lmms-eval starts, from the environment (``eval/run_eval.py`` sets the
 - ``STGRIDPOOL_EVAL_JUDGE=off``: TempCompass's GPT judge is not called; a reply
   its rules cannot read gets the task's no-verdict score at once (instead of
   ten retries against an API without a key);
-- ``STGRIDPOOL_EVAL_LOCAL_TASKS=1``: only the ``--include_path`` folders are
-  indexed (the stand-in tasks), not lmms-eval's two thousand task files;
+- ``STGRIDPOOL_EVAL_INCLUDE=DIR:DIR``: task folders to index besides lmms-eval's
+  (its ``--include_path`` takes one folder);
+- ``STGRIDPOOL_EVAL_LOCAL_TASKS=1``: only those folders are indexed (the
+  stand-in tasks), not lmms-eval's two thousand task files;
 - ``STGRIDPOOL_EVAL_NO_AGGREGATE=1``: lmms-eval's per-task aggregation is
   skipped; the report computes every score from the logged samples, and
   EgoSchema's full-set aggregation would upload the answers to the
@@ -43,12 +45,16 @@ def install_hooks() -> None:
 
     prompts = os.environ.get("STGRIDPOOL_EVAL_PROMPTS") or None
     local_only = _flag("STGRIDPOOL_EVAL_LOCAL_TASKS")
+    includes = [p for p in os.environ.get("STGRIDPOOL_EVAL_INCLUDE", "").split(os.pathsep) if p]
     task_manager_init = TaskManager.__init__
 
     @functools.wraps(task_manager_init)
     def init(self, *args, **kwargs):
         if prompts:
             kwargs["model_name"] = prompts
+        if includes:
+            given = kwargs.get("include_path") or []
+            kwargs["include_path"] = [*([given] if isinstance(given, str) else given), *includes]
         if local_only:
             kwargs["include_defaults"] = False
         task_manager_init(self, *args, **kwargs)
