@@ -40,9 +40,10 @@ class Recorder:
         return outcome
 
 
-def status(code: int) -> openai.APIStatusError:
+def status(code: int, **headers: str) -> openai.APIStatusError:
     request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
-    return openai.APIStatusError(f"HTTP {code}", response=httpx.Response(code, request=request), body=None)
+    response = httpx.Response(code, request=request, headers=headers)
+    return openai.APIStatusError(f"HTTP {code}", response=response, body=None)
 
 
 def shaper(client, tmp_path, **overrides) -> RequestShaper:
@@ -113,15 +114,16 @@ def test_a_missing_visual_is_never_sent(tmp_path):
 def test_503_is_waited_out_and_counted(tmp_path, monkeypatch):
     pauses = []
     monkeypatch.setattr(request_shaper.time, "sleep", pauses.append)
-    client = Recorder(status(503), status(503), "answer")
+    client = Recorder(status(503), status(503), status(503, **{"Retry-After": "8"}), "answer")
     shape = shaper(client, tmp_path)
     assert shape.chat.completions.create(messages=chat("https://example.invalid/v.mp4"), model="m") == "answer"
-    assert (pauses, shape.stats["busy_retries"], len(client.payloads)) == ([2.0, 4.0], 2, 3)
+    assert (pauses, shape.stats["busy_retries"], len(client.payloads)) == ([2.0, 4.0, 8.0], 3, 4)
 
-    client = Recorder(*[status(503)] * 4)
+    client = Recorder(*[status(503, **{"Retry-After": "120"})] * 4)
     with pytest.raises(openai.APIStatusError):
         shaper(client, tmp_path).chat.completions.create(messages=chat("https://example.invalid/v.mp4"), model="m")
     assert len(client.payloads) == 4  # busy_retries 3, then the 503 is the document's failure
+    assert pauses[-3:] == [60.0] * 3  # a Retry-After beyond a minute waits a minute
 
 
 def test_other_errors_fail_at_once(tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ video. Model arguments beyond the ``openai`` model's:
   ``media_io_kwargs`` (a server that accepts none per request samples by its
   own ``--media-io-kwargs``);
 - ``busy_retries`` (default 8): an HTTP 503 (the server's decoders busy) is
-  retried after 2, 4, ... 60 s that many times; other errors fail at once;
+  retried that many times, after its ``Retry-After`` (else 2, 4, ... 60 s);
+  other errors fail at once;
 - ``stats_file``: where the counts of requests, 503 retries, missing videos
   and frame folders are written (JSON) after each batch.
 

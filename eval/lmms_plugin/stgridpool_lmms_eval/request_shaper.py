@@ -6,8 +6,9 @@ the ``media_io_kwargs`` (frame count and rate) and the ``stgridpool``
 object, sends a folder of frames as a ``video/jpeg`` data URL
 (``frames.py``), refuses a document whose visual is missing
 (``MissingVideo``: lmms-eval records the failure), and retries HTTP 503
-(the server's video decoders busy) with a growing pause, counting each
-retry. Nothing here imports lmms-eval.
+(the server's video decoders busy) after the server's ``Retry-After``, or a
+growing pause without one, counting each retry. Nothing here imports
+lmms-eval.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ MISSING_VIDEO = "[stgridpool: visual missing] "
 
 class MissingVideo(Exception):
     """The document's video is not there; the request is not sent."""
+
+
+def pause(error, attempt: int) -> float:
+    """Seconds before retrying a 503: its ``Retry-After`` (whole seconds), else 2, 4, 8 ...; at most 60."""
+    hint = error.response.headers.get("retry-after", "") if error.response is not None else ""
+    seconds = float(hint) if hint.strip().isdigit() else 2.0 ** (attempt + 1)
+    return min(60.0, max(1.0, seconds))
 
 
 class RequestShaper:
@@ -72,7 +80,7 @@ class RequestShaper:
                 if error.status_code != 503 or attempt == self._busy_retries:
                     raise
                 self._count("busy_retries")
-                time.sleep(min(60.0, 2.0 ** (attempt + 1)))
+                time.sleep(pause(error, attempt))
 
     def _messages(self, messages: list[dict]) -> list[dict]:
         shaped = []
