@@ -161,7 +161,8 @@ def test_no_pyramid_is_never_refused_as_costlier(processor, norm_p):
         (None, {"video": {"num_frames": 4.0}}, False),
         (None, {"video": {"num_frames": True}}, False),
         (None, {"video": {"num_frames": "4"}}, False),
-        (None, {"video": {"num_frames": 4, "fps": 1}}, False),
+        (None, {"video": {"num_frames": 4, "fps": 1}}, True),  # fps only lowers the count
+        (None, {"video": {"num_frames": 4, "fps": 0}}, False),
         (None, {"video": {"fps": 1}}, False),
         (None, {"video": {"video_backend": "opencv"}}, False),
         (None, {"video": {"num_frames": 4}, "image": {}}, False),
@@ -174,7 +175,7 @@ def test_no_pyramid_is_never_refused_as_costlier(processor, norm_p):
 )
 def test_p6_trusts_the_own_key_and_nothing_else(monkeypatch, mm_processor_kwargs, media_io_kwargs, own):
     """vLLM's own check, wrapped: only a lone ``stgridpool`` object and a frame count up to the
-    server's ``max_frames`` pass without the trust flag."""
+    server's ``max_frames`` (with a sampling rate, which can only lower it) pass without the trust flag."""
     from vllm.entrypoints.generate.base import protocol
     from vllm.exceptions import VLLMValidationError
 
