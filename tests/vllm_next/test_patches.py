@@ -32,7 +32,7 @@ print("RESULT " + json.dumps({
     "models": [ModelRegistry.models[a].module_name for a in archs],
     "hooks": [MODELS_CONFIG_MAP[a].__name__ for a in archs],
     "loaders": sorted({"pyav", "decord"} & set(VIDEO_LOADER_REGISTRY.name2class)),
-    "http": MEDIA_CONNECTOR_REGISTRY.name2class["http"].__name__,
+    "http": [cls.__name__ for cls in MEDIA_CONNECTOR_REGISTRY.name2class["http"].__mro__[:3]],
     "redirect_first": getattr(arg_utils.maybe_override_with_speculators, "_stgridpool_alias", False),
 }))
 """
@@ -40,7 +40,7 @@ print("RESULT " + json.dumps({
 
 def test_vllm_loads_and_registers_the_plugin():
     """vLLM 0.33's own plugin loader runs register(): model classes, config hooks, the pyav loader (and no
-    decord one), P5, P7."""
+    decord one), P5 and P12 (the http connector checks video/jpeg frames, over P5's), P7."""
     env = {**os.environ, "VLLM_PLUGINS": "stgridpool"}
     done = subprocess.run([sys.executable, "-c", REGISTER], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -49,7 +49,7 @@ def test_vllm_loads_and_registers_the_plugin():
         "models": ["vllm_stgridpool.models.llava_onevision", "vllm_stgridpool.models.llava_next_video"],
         "hooks": ["STGridPoolFrameSampling", "STGridPoolFrameSampling"],
         "loaders": ["pyav"],
-        "http": "ClientErrorMediaConnector",
+        "http": ["JpegFramesCheckedConnector", "ClientErrorMediaConnector", "MediaConnector"],
         "redirect_first": True,
     }
 
