@@ -22,6 +22,7 @@ Ledger entry: patches/README.md, P12.
 from __future__ import annotations
 
 import binascii
+import io
 
 import pybase64
 
@@ -63,7 +64,7 @@ def check_jpeg_frames(data: str, num_frames: int, limits) -> None:
     for index, part in enumerate(parts):
         try:
             frame = pybase64.b64decode(part, validate=True)
-            width, height = jpeg_frame_size(frame)
+            width, height = _agreed_frame_size(frame)
         except (binascii.Error, ValueError) as error:
             reason = str(error) if isinstance(error, ContainerRefused) else "is not valid base64"
             raise ValueError(f"Could not decode video: frame {index} of the {MEDIA_TYPE} data {reason}") from None
@@ -78,6 +79,27 @@ def check_jpeg_frames(data: str, num_frames: int, limits) -> None:
             )
     if size is not None:
         limits.check_decoded_size(len(parts), *size)
+
+
+def _agreed_frame_size(frame: bytes) -> tuple[int, int]:
+    """(width, height) of a JPEG frame as the marker walk reads it and as PIL's own header parse (the size PIL
+    decodes at) reads it: a frame whose headers can be read two ways (a small frame marker hidden where one
+    parser jumps and the other scans) is refused rather than trusted either way."""
+    from PIL import Image
+
+    from vllm_stgridpool.video.container_check import ContainerRefused, jpeg_frame_size
+
+    width, height = jpeg_frame_size(frame)
+    try:
+        with Image.open(io.BytesIO(frame), formats=["JPEG"]) as image:  # headers only: nothing is decoded
+            decoded = image.size
+    except Exception as error:  # not a JPEG PIL reads, or over PIL's own pixel limit
+        raise ContainerRefused(f"is not a JPEG image PIL can read ({type(error).__name__}: {error})") from None
+    if decoded != (width, height):
+        raise ContainerRefused(
+            f"has a frame marker of {width}x{height} but PIL would decode it at {decoded[0]}x{decoded[1]}"
+        )
+    return width, height
 
 
 def _checking_connector(base):
