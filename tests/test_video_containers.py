@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
 import subprocess
 import sys
 import time
@@ -323,3 +324,121 @@ def test_damaged_copies_of_every_container_decode_or_are_refused_cleanly():
         assert outcome["decoded"] + outcome["refused"] == 60
         assert outcome["slowest_seconds"] < 1.0, (container, outcome)
         assert outcome["peak_growth_kib"] < 256 * 1024, (container, outcome)
+
+
+# --- counts hidden where FFmpeg still reads them -----------------------------------------------------
+
+FTYP = hostile._box(b"ftyp", b"isom" + bytes(4) + b"isom")
+
+
+def nested(kind: bytes, depth: int, leaf: bytes = b"") -> bytes:
+    for _ in range(depth):
+        leaf = hostile._box(kind, leaf)
+    return leaf
+
+
+@pytest.mark.parametrize("data", [
+    FTYP + hostile._box(b"moov", nested(b"udta", 2000)),
+    FTYP + hostile._box(b"moov", hostile._box(b"trak", nested(b"mdia", 2000))),
+    FTYP + hostile._box(b"moov", hostile._box(b"trak", nested(b"mdia", 950, hostile._box(b"free", b"") * 100_000))),
+], ids=["udta", "mdia", "mdia_with_100k_leaves"])
+def test_boxes_nested_past_the_limit_are_refused(data):
+    with pytest.raises(ContainerRefused, match=f"nests boxes deeper than {container_check.MAX_BOX_DEPTH} levels"):
+        container_check.inspect(data, DEFAULT_MAX_VIDEO_PACKETS)
+
+
+def test_whatever_breaks_the_reader_is_a_refusal(monkeypatch):
+    def broken(view, max_packets):
+        raise IndexError("a bug")
+
+    monkeypatch.setitem(container_check._DECLARED_COUNTS, "mov", broken)
+    with pytest.raises(ContainerRefused, match=r"the MP4/MOV container could not be read \(IndexError\)"):
+        container_check.inspect(FTYP, DEFAULT_MAX_VIDEO_PACKETS)
+
+
+def test_a_hoov_is_read_as_the_moov_it_stands_for(opencv_mp4):
+    bomb = hostile.index_bomb_mp4(opencv_mp4, 20_000_000).replace(b"moov", b"hoov", 1)
+    with pytest.raises(ContainerRefused, match="declares 20,000,000 samples in one track"):
+        container_check.inspect(bomb, DEFAULT_MAX_VIDEO_PACKETS)
+    compressed = hostile._box(b"cmov", hostile._box(b"dcom", b"zlib"))
+    with pytest.raises(ContainerRefused, match=r"has a compressed header \(cmov\)"):
+        container_check.inspect(FTYP + hostile._box(b"hoov", compressed), DEFAULT_MAX_VIDEO_PACKETS)
+
+
+def inserted(data: bytes, parent: bytes, box: bytes) -> bytes:
+    """``data`` with ``box`` added at the end of its first ``parent`` box (every enclosing box grown to fit)."""
+    _, offset, _, size = next(found for found in hostile.mp4_boxes(data) if found[0][-1] == parent)
+    out = bytearray(data)
+    out[offset + size : offset + size] = box
+    for _, outer, _, outer_size in hostile.mp4_boxes(data):
+        if outer <= offset and outer + outer_size >= offset + size:
+            struct.pack_into(">I", out, outer, outer_size + len(box))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("parent, wrapper", [(b"minf", b"dinf"), (b"trak", b"edts"), (b"trak", b"udta"),
+                                             (b"stbl", None)])
+def test_a_sample_table_anywhere_ffmpeg_reads_it_is_checked(opencv_mp4, parent, wrapper):
+    """A 12-sample track whose chunk table declares 20M samples, and a ``stsz`` of 20M one-byte samples
+    where FFmpeg's mov reader still reads it (it reads each box by its type, wherever it is): in place of
+    the real one, inside another box, or after the real one (FFmpeg keeps the last)."""
+    chunks = hostile._full_box(b"stsc", struct.pack(">IIII", 1, 1, 20_000_000, 1))
+    data = hostile._rebuild(hostile.index_bomb_mp4(opencv_mp4, 12), {
+        b"stsc": lambda box: chunks, **({b"stsz": lambda box: None} if wrapper else {})})
+    table = hostile._full_box(b"stsz", struct.pack(">II", 1, 20_000_000))
+    data = inserted(data, parent, hostile._box(wrapper, table) if wrapper else table)
+    with pytest.raises(ContainerRefused, match=r"declares 20,000,000 samples in one track, more than its"):
+        container_check.inspect(data, DEFAULT_MAX_VIDEO_PACKETS)
+
+
+@pytest.mark.parametrize("kind", [b"stco", b"stss", b"ctts", b"stsc", b"sbgp"])
+def test_every_table_count_is_checked_against_the_bytes(opencv_mp4, kind):
+    count = struct.pack(">I", 50_000_000)
+    table = hostile._full_box(kind, b"roll" + count if kind == b"sbgp" else count)
+    with pytest.raises(ContainerRefused, match=f"declares 50,000,000 entries in a {kind.decode()} table, more than"):
+        container_check.inspect(inserted(opencv_mp4, b"stbl", table), DEFAULT_MAX_VIDEO_PACKETS)
+
+
+def test_a_fragment_hidden_in_a_box_ffmpeg_reads_is_checked():
+    bomb = hostile.fragment_bomb_mp4(hostile.clip("fragmented_mp4"), 20_000_000)
+    _, offset, _, size = next(box for box in hostile.mp4_boxes(bomb) if box[0][-1] == b"trun")
+    hidden = bytearray(bomb)
+    hidden[offset:offset] = struct.pack(">I4s", size + 8, b"dinf")
+    for _, outer, _, outer_size in hostile.mp4_boxes(bomb):
+        if outer < offset and outer + outer_size >= offset + size:
+            struct.pack_into(">I", hidden, outer, outer_size + 8)
+    with pytest.raises(ContainerRefused, match="declares 20,000,000 samples in a fragment"):
+        container_check.inspect(bytes(hidden), DEFAULT_MAX_VIDEO_PACKETS)
+
+
+def test_flv_keyframe_arrays_with_nul_padded_names_are_checked():
+    """FFmpeg reads an AMF name by its length and compares it as a C string: ``times\\0`` is ``times``."""
+    bomb = hostile.flv_keyframes_bomb(hostile.clip("flv"), 200_000_000)
+    padded = bomb.replace(b"\x00\x05times\x0a", b"\x00\x07times\x00\x00\x0a")
+    padded = padded.replace(b"\x00\x0dfilepositions\x0a", b"\x00\x0efilepositions\x00\x0a")
+    assert padded != bomb
+    with pytest.raises(ContainerRefused, match="the FLV container declares 200,000,000 keyframe index entries"):
+        container_check.inspect(padded, DEFAULT_MAX_VIDEO_PACKETS)
+
+
+def test_a_jpeg_frame_header_hidden_behind_an_escaped_byte_is_not_the_size(connectors):
+    """``FF 00`` is no marker to PIL or libjpeg: a small frame header after it, inside an APP1 segment, is
+    skipped with that segment, and the real 5000x5000 frame is the size."""
+    small = b"\xff\xc0\x00\x11\x08\x00\x10\x00\x10\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    app1 = b"\xff\xe1" + struct.pack(">H", 4 + len(small)) + b"\x00\x00" + small
+    real = jpeg(5000, 5000)
+    crafted = b"\xff\xd8\xff\x00" + struct.pack(">H", 8) + app1 + real[2:]
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(crafted)).size == (5000, 5000)
+    assert container_check.jpeg_frame_size(crafted) == (5000, 5000)
+    _, checked = connectors
+    with pytest.raises(ValueError, match="5000x5000"):
+        checked.fetch_video(jpeg_url(*[crafted] * 8))
+
+
+def test_a_jpeg_with_two_frame_headers_is_refused():
+    real = jpeg(64, 48)
+    second = b"\xff\xc0\x00\x11\x08\x13\x88\x13\x88\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    with pytest.raises(ContainerRefused, match=r"2 frame headers \(64x48, 5000x5000\)"):
+        container_check.jpeg_frame_size(real.replace(b"\xff\xda", second + b"\xff\xda", 1))

@@ -66,8 +66,8 @@ _MP4_FIRST_BOXES = {b"ftyp", b"styp", b"moov", b"mdat", b"free", b"skip", b"wide
 _TS_PACKET_SIZES = ((188, 0), (192, 4), (204, 0))  # (packet size, offset of the sync byte)
 # Every AVI frame is a chunk of at least its 8-byte header in the file.
 _AVI_CHUNK_HEADER = 8
-# FLV keyframe arrays as FFmpeg's flv demuxer reads them: the name, then a strict array's type byte.
-_FLV_KEYFRAME_ARRAYS = (b"\x00\x05times\x0a", b"\x00\x0dfilepositions\x0a")
+# The names of the FLV keyframe arrays FFmpeg's flv demuxer reads (each a strict array: type byte 0x0a).
+_FLV_KEYFRAME_ARRAYS = (b"times", b"filepositions")
 _AMF_NUMBER_BYTES = 9
 
 
@@ -81,6 +81,15 @@ class _Overstated(Exception):
 
 def identify(data) -> str:
     """The FFmpeg demuxer for ``data`` from its first bytes; :class:`ContainerRefused` unless one of :data:`DEMUXERS`."""
+    try:
+        return _identify(data)
+    except ContainerRefused:
+        raise
+    except Exception as error:  # whatever the bytes do to this reader, the answer is a 400, never a 500
+        raise ContainerRefused(f"Could not decode video: the upload could not be read ({type(error).__name__})") from None
+
+
+def _identify(data) -> str:
     head = bytes(data[:16])
     if len(head) >= 8 and head[4:8] in _MP4_FIRST_BOXES and _box_size_plausible(head):
         return "mov"
@@ -112,6 +121,10 @@ def inspect(data, max_packets: int) -> str:
                 check(view, max_packets)
     except _Overstated as error:
         raise ContainerRefused(f"Could not decode video: the {DEMUXERS[demuxer]} container {error}") from None
+    except Exception as error:  # a 400, never a 500, whatever the bytes do to this reader
+        raise ContainerRefused(
+            f"Could not decode video: the {DEMUXERS[demuxer]} container could not be read ({type(error).__name__})"
+        ) from None
     return demuxer
 
 
@@ -157,16 +170,46 @@ def _within(what: str, count: int, per_item: int, nbytes: int, max_packets: int)
 
 # --- mp4 / mov ----------------------------------------------------------------------
 
+# FFmpeg's mov reader gives up past 11 levels of boxes ("Atoms too deeply nested"); real files nest < 10.
+MAX_BOX_DEPTH = 16
+# Boxes FFmpeg's mov reader reads as lists of boxes. It reads each child by its type wherever it is
+# (a ``stsz`` inside ``dinf`` or ``udta`` sets the last track's samples), so each is walked the same way.
+_MP4_CONTAINERS = frozenset({
+    b"moov", b"trak", b"mdia", b"minf", b"stbl", b"dinf", b"edts", b"udta", b"mvex", b"moof", b"traf", b"mfra",
+    b"tref", b"ilst", b"wave", b"sinf", b"schi", b"iprp", b"ipco", b"rmra", b"rmda", b"clip", b"matt", b"gmhd",
+    b"tapt", b"meco", b"strk", b"strd",
+})
+# Bytes before a sample entry's own boxes (FFmpeg reads the rest of each ``stsd`` entry as boxes):
+# video, sound versions 0, 1 and 2, and the plain 8 of other entries.
+_SAMPLE_ENTRY_HEADERS = (78, 28, 44, 64, 8)
+# Tables FFmpeg allocates or indexes by their entry count: type -> (where the count is, bytes per entry).
+_MP4_TABLES = {
+    b"stts": (4, 8), b"ctts": (4, 8), b"stco": (4, 4), b"co64": (4, 8), b"stsc": (4, 12), b"stss": (4, 4),
+    b"stps": (4, 4), b"elst": (4, 12), b"dref": (4, 8), b"sbgp": (8, 8),
+}
+
+
+class _Track:
+    """What one track's boxes declare (every copy: FFmpeg keeps the last, so each must fit)."""
+
+    def __init__(self):
+        self.handler = b""
+        self.sizes: list[tuple[int, int]] = []  # (sample count, sample size) of each stsz/stz2
+        self.times: list[tuple[int, int, int]] = []  # (entries, frames, first delta) of each stts
+        self.chunks = 0
+
 
 class _Mp4Walk:
-    """Walks the boxes FFmpeg's mov demuxer allocates by, adding up the samples it would index."""
+    """Walks every box FFmpeg's mov demuxer reads, without recursion, adding up the samples it would index."""
 
     def __init__(self, data: memoryview, max_packets: int):
         self.data, self.max_packets = data, max_packets
         self.searchable = data.obj if isinstance(data.obj, (bytes, mmap.mmap)) else bytes(data)
         self.boxes = 0
         self.samples = 0
+        self.tracks = [_Track()]  # the first collects what comes before any trak
         self.default_sizes: dict[int, int] = {}  # track id -> default sample size (trex)
+        self.default_size = 0  # of the fragment being read (tfhd)
 
     def children(self, start: int, end: int):
         """``(kind, payload_start, box_end)`` of each box in ``[start, end)``, read as FFmpeg reads them."""
@@ -181,105 +224,131 @@ class _Mp4Walk:
                 size = end - position
             if size < header:
                 return  # FFmpeg stops reading this level too
-            self.boxes += 1
-            if self.boxes > self.max_packets:
-                raise _Overstated(f"holds more boxes than {_cap(self.max_packets)}")
+            self._step()
             yield kind, position + header, min(position + size, end)
             position += size
 
     def file(self) -> None:
-        for kind, start, end in self.children(0, len(self.data)):
-            if kind == b"moov":
-                self.movie(start, end)
-            elif kind == b"moof":
-                self.fragment(start, end)
-            elif kind == b"meta":
-                self.items(start, end)
-
-    def movie(self, start: int, end: int) -> None:
-        for kind, child, child_end in self.children(start, end):
-            if kind == b"cmov":
-                raise _Overstated("has a compressed header (cmov), which this server does not read")
-            if kind == b"trak":
-                self.track(child, child_end)
-            elif kind == b"mvex":
-                for inner, at, inner_end in self.children(child, child_end):
-                    if inner == b"trex" and at + 20 <= inner_end:
-                        track_id, _, _, size = struct.unpack_from(">IIII", self.data, at + 4)
-                        self.default_sizes[track_id] = size
+        levels = [(b"", self.children(0, len(self.data)))]
+        while levels:
+            parent, boxes = levels[-1]
+            for kind, start, end in boxes:
+                if kind == b"hoov" and bytes(self.data[start + 4 : start + 8]) in (b"mvhd", b"cmov"):
+                    kind = b"moov"  # FFmpeg reads such a box as the moov
+                self.visit(kind, start, end)
+                inner = self._children_start(parent, kind, start, end)
+                if inner is not None:
+                    if len(levels) >= MAX_BOX_DEPTH:
+                        raise _Overstated(f"nests boxes deeper than {MAX_BOX_DEPTH} levels (FFmpeg reads 11)")
+                    levels.append((kind, self.children(inner, end)))
+                    break
             else:
-                self.metadata(kind, child, child_end)
+                levels.pop()
+        for track in self.tracks:
+            self.track(track)
 
-    def metadata(self, kind: bytes, start: int, end: int) -> None:
-        """A ``meta`` box, or the ``udta`` that holds one."""
-        if kind == b"meta":
-            self.items(start, end)
-        elif kind == b"udta":
-            for inner, at, inner_end in self.children(start, end):
-                self.metadata(inner, at, inner_end)
-
-    def track(self, start: int, end: int) -> None:
-        boxes: dict[bytes, int] = {}
-        for kind, at, box_end in self._leaves(start, end):
-            boxes.setdefault(kind, at)  # the media handler comes before minf's data handler
-            self.metadata(kind, at, box_end)
-        handler = self._bytes(boxes, b"hdlr", 8, 4)
-        samples, sample_size = self._sample_count(boxes)
-        entries, frames, first_delta = self._time_to_sample(boxes)
-        if handler == b"soun" and entries == 1 and first_delta == 1:
-            # Uncompressed audio: FFmpeg indexes its chunks, not its (byte-sized) samples.
-            _within("sound samples", samples, sample_size, len(self.data), 2**62)
-            self._count("audio chunks", self._u32(boxes, b"stco", 4) or self._u32(boxes, b"co64", 4))
-            return
-        _within("samples in one track", samples, sample_size, len(self.data), self.max_packets)
-        _within("frames in one track", frames, 1, len(self.data), self.max_packets)
-        self._count("samples", samples)
-
-    def fragment(self, start: int, end: int) -> None:
-        for kind, child, child_end in self.children(start, end):
-            if kind != b"traf":
-                continue
-            default_size = 0
-            for inner, at, inner_end in self.children(child, child_end):
-                if inner == b"tfhd" and at + 8 <= inner_end:
-                    flags, track_id = struct.unpack_from(">II", self.data, at)
-                    default_size = self.default_sizes.get(track_id, 0)
-                    if flags & 0x10:  # default-sample-size-present, after the optional fields before it
-                        offset = at + 8 + 8 * bool(flags & 0x1) + 4 * bool(flags & 0x2) + 4 * bool(flags & 0x8)
-                        if offset + 4 <= inner_end:
-                            (default_size,) = struct.unpack_from(">I", self.data, offset)
-                elif inner == b"trun" and at + 8 <= inner_end:
-                    flags, count = struct.unpack_from(">II", self.data, at)
-                    per_sample = 4 * bin(flags & 0xF00).count("1")
-                    header = 8 + 4 * bool(flags & 0x1) + 4 * bool(flags & 0x4)
-                    if per_sample:
-                        _within("per-sample entries in a fragment", count, per_sample, inner_end - at - header, 2**62)
-                    if not flags & 0x200:  # no per-sample sizes: each sample has the default size
-                        _within("samples in a fragment", count, default_size, len(self.data), self.max_packets)
-                    self._count("samples", count)
-
-    def items(self, start: int, end: int) -> None:
-        """HEIF item lists (``iinf``, ``iloc``, ``ipma``) of a ``meta`` box: FFmpeg allocates by their counts."""
-        first = self._meta_children(start, end)
-        if first is None:
-            return
-        for kind, at, box_end in self.children(first, end):
-            if kind == b"iprp":
-                self.items_properties(at, box_end)
-            if kind not in (b"iinf", b"iloc") or at + 8 > box_end:
-                continue
+    def visit(self, kind: bytes, at: int, end: int) -> None:
+        track = self.tracks[-1]
+        if kind == b"cmov":
+            raise _Overstated("has a compressed header (cmov), which this server does not read")
+        if kind == b"trak":
+            self.tracks.append(_Track())
+        elif kind == b"hdlr" and not track.handler:  # the media handler comes before minf's data handler
+            track.handler = bytes(self.data[at + 8 : at + 12])
+        elif kind in (b"stsz", b"stz2"):
+            track.sizes.append((self._u32(at + 8), self._u32(at + 4) if kind == b"stsz" else 0))
+        elif kind in _MP4_TABLES:
+            offset, per_entry = _MP4_TABLES[kind]
+            offset += 4 * (kind == b"sbgp" and self.data[at] == 1 if at < end else 0)  # v1 adds a parameter
+            entries = self._u32(at + offset)
+            _within(f"entries in a {kind.decode()} table", entries, per_entry, len(self.data) - at, self.max_packets)
+            if kind == b"stts":
+                track.times.append(self._time_to_sample(at, entries))
+            elif kind in (b"stco", b"co64"):
+                track.chunks = max(track.chunks, entries)
+        elif kind == b"sdtp":
+            _within("sample dependency flags (sdtp)", max(0, end - at - 4), 1, len(self.data), self.max_packets)
+        elif kind == b"traf":
+            self.default_size = 0
+        elif kind == b"trex" and at + 20 <= end:
+            track_id, _, _, size = struct.unpack_from(">IIII", self.data, at + 4)
+            self.default_sizes[track_id] = size
+        elif kind == b"tfhd" and at + 8 <= end:
+            self.fragment_defaults(at, end)
+        elif kind == b"trun" and at + 8 <= end:
+            self.fragment_samples(at, end)
+        elif kind in (b"iinf", b"iloc") and at + 8 <= end:
             version = self.data[at]
             if kind == b"iinf":
                 count, per_item = _count_field(self.data, at + 4, wide=version != 0), 12
             else:
                 count, per_item = _count_field(self.data, at + 6, wide=version >= 2), 6
-            _within(f"image items ({kind.decode()})", count, per_item, box_end - at, self.max_packets)
+            _within(f"image items ({kind.decode()})", count, per_item, end - at, self.max_packets)
+        elif kind == b"ipma" and at + 8 <= end:
+            _within("image item properties (ipma)", _count_field(self.data, at + 4, True), 3, end - at,
+                    self.max_packets)
 
-    def items_properties(self, start: int, end: int) -> None:
-        for kind, at, box_end in self.children(start, end):
-            if kind == b"ipma" and at + 8 <= box_end:
-                _within("image item properties (ipma)", _count_field(self.data, at + 4, True), 3, box_end - at,
-                        self.max_packets)
+    def _children_start(self, parent: bytes, kind: bytes, start: int, end: int) -> int | None:
+        """Where the boxes inside this one start, if FFmpeg reads it as a list of boxes."""
+        if kind in _MP4_CONTAINERS:
+            return start
+        if kind == b"meta":
+            return self._meta_children(start, end)
+        if kind == b"stsd":
+            return start + 8
+        if parent == b"stsd":
+            return next((start + skip for skip in _SAMPLE_ENTRY_HEADERS if self._tiles(start + skip, end)), None)
+        return None
+
+    def _tiles(self, start: int, end: int) -> bool:
+        """Whether ``[start, end)`` is one or more whole boxes."""
+        position = start
+        while position + 8 <= end:
+            (size,) = struct.unpack_from(">I", self.data, position)
+            if size == 1 and position + 16 <= end:
+                (size,) = struct.unpack_from(">Q", self.data, position + 8)
+            if size < 8 or position + size > end:
+                return False
+            self._step()
+            position += size
+        return start < position == end
+
+    def _step(self) -> None:
+        self.boxes += 1
+        if self.boxes > self.max_packets:
+            raise _Overstated(f"holds more boxes than {_cap(self.max_packets)}")
+
+    def track(self, track: _Track) -> None:
+        sound = track.handler == b"soun" and bool(track.times)
+        if sound and all(entries == 1 and delta == 1 for entries, _, delta in track.times):
+            # Uncompressed audio: FFmpeg indexes its chunks, not its (byte-sized) samples.
+            for samples, sample_size in track.sizes:
+                _within("sound samples", samples, sample_size, len(self.data), 2**62)
+            self._count("audio chunks", track.chunks)
+            return
+        for samples, sample_size in track.sizes:
+            _within("samples in one track", samples, sample_size, len(self.data), self.max_packets)
+        for _, frames, _ in track.times:
+            _within("frames in one track", frames, 1, len(self.data), self.max_packets)
+        self._count("samples", max((samples for samples, _ in track.sizes), default=0))
+
+    def fragment_defaults(self, at: int, end: int) -> None:
+        flags, track_id = struct.unpack_from(">II", self.data, at)
+        self.default_size = self.default_sizes.get(track_id, 0)
+        if flags & 0x10:  # default-sample-size-present, after the optional fields before it
+            offset = at + 8 + 8 * bool(flags & 0x1) + 4 * bool(flags & 0x2) + 4 * bool(flags & 0x8)
+            if offset + 4 <= end:
+                (self.default_size,) = struct.unpack_from(">I", self.data, offset)
+
+    def fragment_samples(self, at: int, end: int) -> None:
+        flags, count = struct.unpack_from(">II", self.data, at)
+        per_sample = 4 * bin(flags & 0xF00).count("1")
+        header = 8 + 4 * bool(flags & 0x1) + 4 * bool(flags & 0x4)
+        if per_sample:
+            _within("per-sample entries in a fragment", count, per_sample, end - at - header, 2**62)
+        if not flags & 0x200:  # no per-sample sizes: each sample has the default size
+            _within("samples in a fragment", count, self.default_size, len(self.data), self.max_packets)
+        self._count("samples", count)
 
     def _meta_children(self, start: int, end: int) -> int | None:
         """Where a ``meta`` box's children start: FFmpeg looks for its ``hdlr`` in steps of 4 bytes
@@ -294,35 +363,15 @@ class _Mp4Walk:
         if self.samples > self.max_packets:
             raise _Overstated(f"declares {self.samples:,} {what} in all, more than {_cap(self.max_packets)}")
 
-    def _leaves(self, start: int, end: int):
-        for kind, child, child_end in self.children(start, end):
-            if kind in (b"mdia", b"minf", b"stbl"):
-                yield from self._leaves(child, child_end)
-            else:
-                yield kind, child, child_end
-
-    def _sample_count(self, boxes: dict) -> tuple[int, int]:
-        if b"stsz" in boxes:
-            return self._u32(boxes, b"stsz", 8), self._u32(boxes, b"stsz", 4)
-        return self._u32(boxes, b"stz2", 8), 0
-
-    def _time_to_sample(self, boxes: dict) -> tuple[int, int, int]:
+    def _time_to_sample(self, at: int, entries: int) -> tuple[int, int, int]:
         """``stts``: its entry count, the samples its entries add up to, and the first entry's delta."""
-        entries = self._u32(boxes, b"stts", 4)
-        if not entries:
-            return 0, 0, 0
-        at = boxes[b"stts"] + 8
-        readable = max(0, min(entries, (len(self.data) - at) // 8))
-        pairs = np.frombuffer(self.data, ">u4", 2 * readable, at)
+        readable = max(0, min(entries, (len(self.data) - at - 8) // 8))
+        pairs = np.frombuffer(self.data, ">u4", 2 * readable, at + 8)
         return entries, int(pairs[0::2].sum(dtype=np.uint64)), int(pairs[1]) if readable else 0
 
-    def _u32(self, boxes: dict, kind: bytes, offset: int) -> int:
-        raw = self._bytes(boxes, kind, offset, 4)
+    def _u32(self, at: int) -> int:
+        raw = bytes(self.data[at : at + 4])
         return int.from_bytes(raw, "big") if len(raw) == 4 else 0
-
-    def _bytes(self, boxes: dict, kind: bytes, offset: int, size: int) -> bytes:
-        at = boxes.get(kind)
-        return b"" if at is None else bytes(self.data[at + offset : at + offset + size])
 
 
 def _count_field(data: memoryview, at: int, wide: bool) -> int:
@@ -369,16 +418,20 @@ def _avi_header_counts(data: memoryview, start: int, end: int, depth: int):
 def _flv_keyframes(data: memoryview, max_packets: int) -> None:
     """The keyframe arrays of any FLV script tag: FFmpeg allocates 8 bytes per declared entry, zeroed.
 
-    Looked for anywhere in the file (FFmpeg reads script tags wherever they are)."""
+    Looked for anywhere in the file (FFmpeg reads script tags wherever they are). FFmpeg reads a name by
+    its 16-bit length and compares it as a C string, so ``times`` followed by NUL bytes within that length
+    is ``times`` too."""
     raw = data.obj if isinstance(data.obj, (bytes, mmap.mmap)) else bytes(data)
-    for marker in _FLV_KEYFRAME_ARRAYS:
-        position = raw.find(marker)
+    for name in _FLV_KEYFRAME_ARRAYS:
+        position = raw.find(name, 2)
         while position >= 0:
-            at = position + len(marker)
-            if at + 4 <= len(raw):
-                (count,) = struct.unpack_from(">I", raw, at)
-                _within("keyframe index entries", count, _AMF_NUMBER_BYTES, len(raw) - at - 4, max_packets)
-            position = raw.find(marker, position + 1)
+            (length,) = struct.unpack_from(">H", raw, position - 2)
+            after = position + length  # the array's type byte, then its count
+            if length >= len(name) and after + 5 <= len(raw) and raw[after] == 0x0A \
+                    and not bytes(raw[position + len(name) : after]).strip(b"\0"):
+                (count,) = struct.unpack_from(">I", raw, after + 1)
+                _within("keyframe index entries", count, _AMF_NUMBER_BYTES, len(raw) - after - 5, max_packets)
+            position = raw.find(name, position + 1)
 
 
 _DECLARED_COUNTS = {"mov": _mp4_samples, "avi": _avi_frames, "flv": _flv_keyframes}
@@ -386,35 +439,54 @@ _DECLARED_COUNTS = {"mov": _mp4_samples, "avi": _avi_frames, "flv": _flv_keyfram
 
 # --- JPEG frames ------------------------------------------------------------------------------
 
-# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic coded).
-_JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_JPEG_UNSIZED_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0-7 carry no length
+# Markers as PIL's JPEG reader takes them (JpegImagePlugin.MARKER): FFC0-FFFE, the frame headers among them
+# (DHP included), and those with no length after them; libjpeg skips the same way.
+_JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xDE}
+_JPEG_UNSIZED_MARKERS = {0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)}  # JPG, RST0-7, SOI, EOI, JPG0-13
+_JPEG_START_OF_SCAN = 0xDA
 
 
 def jpeg_frame_size(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` from a JPEG's frame header (its first SOF marker), before anything decodes it.
+    """``(width, height)`` from a JPEG's frame header, found as PIL finds it, before anything decodes it.
 
-    :class:`ContainerRefused` when ``data`` is not a JPEG, or its image data
-    starts before any frame header.
+    Markers are read as PIL reads them: bytes other than 0xFF are skipped,
+    ``FF 00`` is an escaped byte and ``FF FF`` fill, and each segment is
+    skipped by its length up to the start of the scan.
+    :class:`ContainerRefused` when ``data`` is not a JPEG, has no frame header
+    before its image data, or more than one (libjpeg refuses those; PIL would
+    take the last).
     """
-    if not data.startswith(b"\xff\xd8"):
+    if not data.startswith(b"\xff\xd8\xff"):
         raise ContainerRefused("is not a JPEG image")
+    sizes = []
     position = 2
-    while position + 4 <= len(data):
+    while position + 1 < len(data):
         if data[position] != 0xFF:
-            raise ContainerRefused("is a damaged JPEG image (no marker where one is due)")
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
             position += 1
             continue
-        if marker in _JPEG_UNSIZED_MARKERS:
-            position += 2
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill: the second 0xFF may start the marker
+            position += 1
             continue
-        (length,) = struct.unpack_from(">H", data, position + 2)
-        if marker in _JPEG_FRAME_MARKERS and position + 9 <= len(data):
-            height, width = struct.unpack_from(">HH", data, position + 5)
-            return width, height
-        if marker in (0xD9, 0xDA) or length < 2:  # end of image or start of scan, before any frame header
+        position += 2
+        if marker == 0x00 or marker in _JPEG_UNSIZED_MARKERS:
+            continue
+        if marker < 0xC0:
+            raise ContainerRefused("is a damaged JPEG image (no marker where one is due)")
+        if position + 2 > len(data):
             break
-        position += 2 + length
-    raise ContainerRefused("is a JPEG image without a frame header before its image data")
+        (length,) = struct.unpack_from(">H", data, position)
+        if marker in _JPEG_FRAME_MARKERS:
+            if length < 7 or position + 7 > len(data):
+                raise ContainerRefused("is a damaged JPEG image (a frame header too short for its size)")
+            height, width = struct.unpack_from(">HH", data, position + 3)
+            sizes.append((width, height))
+        position += max(length, 2)
+        if marker == _JPEG_START_OF_SCAN:
+            break
+    if not sizes:
+        raise ContainerRefused("is a JPEG image without a frame header before its image data")
+    if len(sizes) > 1:
+        described = ", ".join(f"{width}x{height}" for width, height in sizes)
+        raise ContainerRefused(f"is a JPEG image with {len(sizes)} frame headers ({described}), where one is allowed")
+    return sizes[0]
