@@ -43,9 +43,8 @@ def test_pil_decodes_the_crafted_frame_at_its_real_size():
 
 def test_a_frame_marker_hidden_from_pil_is_refused():
     crafted = hidden_marker_frame(jpeg(640, 480), 16, 16)
-    with pytest.raises(ValueError, match="640x480") as refused:
+    with pytest.raises(ValueError, match="640x480"):  # read at its real size, over max_video_pixels
         check_jpeg_frames(data(crafted, crafted), 2, LIMITS)
-    assert "frame 0" in str(refused.value)
 
 
 def test_frames_whose_headers_agree_pass():
