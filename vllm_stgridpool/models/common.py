@@ -25,12 +25,11 @@ from vllm.multimodal.parse import VideoEmbeddingItems, VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from vllm_stgridpool.serving import metrics
-from vllm_stgridpool.stage import backend, cpu_kernels, triton_stage
+from vllm_stgridpool.stage import backend, cpu_kernels, st_gridpool, triton_stage
 from vllm_stgridpool.serving.activation import plugin_settings, settings_for
 from vllm_stgridpool.serving.budget import VideoFit, fit_video, sample_frames
 from vllm_stgridpool.config import STGridPoolConfig, STGridPoolConfigError, STGridPoolSettings
 from vllm_stgridpool.serving.config_rows import config_from_row, config_to_row
-from vllm_stgridpool.stage import st_gridpool
 from vllm_stgridpool.serving.request_rules import (
     REQUEST_KEY,
     RequestSettings,

@@ -96,9 +96,10 @@ def takes_call(videos: torch.Tensor, norm_p: float) -> bool:
 def run(videos: torch.Tensor, config: STGridPoolConfig, mosaics_only: bool = False) -> torch.Tensor:
     """The whole stage on (B, T, H, W, D) ``videos``, one :func:`run_plan` call per video, where
     :func:`takes_call` said yes: rows as ``torch_ops.apply_plan`` says."""
+    from vllm_stgridpool.stage.torch_ops import new_output
+
     plan = plan_for(videos, config)
-    batch, num_frames, _, _, dim = videos.shape
-    out = videos.new_empty(batch, len(plan.replaced) if mosaics_only else num_frames, *plan.out_grid, dim)
+    out = new_output(videos, plan, mosaics_only)
     for frames, pooled in zip(videos.unbind(0), out.unbind(0)):
         buffers = frames.new_empty(plan.num_slots, *frames.shape[1:])  # the mosaics being built or read
         run_plan(frames, pooled, buffers, plan, config.kernel_size, config.temperature, config.norm_p,

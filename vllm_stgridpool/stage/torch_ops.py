@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from vllm_stgridpool.config import STGridPoolConfig
 from vllm_stgridpool.stage.plan import Plan, PoolFrames, PoolMosaics, Resize, area_window, plan_for
 
-__all__ = ["run", "apply_plan", "norm_pool"]
+__all__ = ["run", "apply_plan", "new_output", "norm_pool"]
 
 
 def run(videos: torch.Tensor, config: STGridPoolConfig, mosaics_only: bool = False) -> torch.Tensor:
@@ -52,12 +52,17 @@ def apply_plan(
 
     (B, T, H', W', D); with ``mosaics_only``, (B, len(plan.replaced), H', W', D): the pooled mosaics alone.
     """
-    batch, num_frames, _, _, dim = videos.shape
-    out = videos.new_empty(batch, len(plan.replaced) if mosaics_only else num_frames, *plan.out_grid, dim)
+    out = new_output(videos, plan, mosaics_only)
     pool = dict(kernel_size=plan.kernel_size, temperature=temperature, norm_p=norm_p)
     for frames, pooled in zip(videos.unbind(0), out.unbind(0)):
         _run_steps(frames, plan, pooled, pool, mosaics_only)
     return out
+
+
+def new_output(videos: torch.Tensor, plan: Plan, mosaics_only: bool) -> torch.Tensor:
+    """The (B, rows, H', W', D) output a backend writes: every frame, or with ``mosaics_only`` the mosaics."""
+    batch, num_frames, _, _, dim = videos.shape
+    return videos.new_empty(batch, len(plan.replaced) if mosaics_only else num_frames, *plan.out_grid, dim)
 
 
 def _run_steps(frames: torch.Tensor, plan: Plan, pooled: torch.Tensor, pool: dict, mosaics_only: bool) -> None:
