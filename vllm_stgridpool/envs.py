@@ -41,7 +41,7 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # vLLM's video loader choice. Set, the plugin leaves the server's loader alone.
     "VLLM_VIDEO_LOADER_BACKEND": _optional("VLLM_VIDEO_LOADER_BACKEND"),
     # Limits on uploaded videos, checked from the container's header before decoding
-    # (video_limits.py): frame size in pixels (default 3840 x 2160), decoded RGB bytes of
+    # (video/limits.py): frame size in pixels (default 3840 x 2160), decoded RGB bytes of
     # the sampled frames (default 64 frames of 3840 x 2160), and the decoded bytes of all
     # videos decoding at once (0: a quarter of the machine's memory).
     "STGRIDPOOL_MAX_VIDEO_PIXELS": _number("STGRIDPOOL_MAX_VIDEO_PIXELS", 3840 * 2160, minimum=1),

@@ -57,7 +57,7 @@ def apply(vllm_version: str) -> bool:
 
 def check_jpeg_frames(data: str, num_frames: int, limits) -> None:
     """Refuse ``video/jpeg`` base64 frames (split as vLLM splits them) over ``limits``, from their headers."""
-    from vllm_stgridpool.video.container_check import ContainerRefused, jpeg_frame_size
+    from vllm_stgridpool.video.container_check import ContainerRefused
 
     parts = data.split(",", num_frames)[:num_frames] if num_frames > 0 else data.split(",")
     size = None

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from vllm_stgridpool import envs
 
 __all__ = [
-    "DEFAULT_MAX_VIDEO_DECODE_BYTES",
     "DEFAULT_MAX_VIDEO_PACKETS",
-    "DEFAULT_MAX_VIDEO_PIXELS",
     "VideoLimits",
     "VideoTooLarge",
     "default_decode_budget_bytes",
@@ -26,9 +24,7 @@ __all__ = [
     "over_max_video_pixels",
 ]
 
-# The defaults admit 4K UHD (3840 x 2160, and its portrait twin) and 64 such frames decoded.
-DEFAULT_MAX_VIDEO_PIXELS = 3840 * 2160
-DEFAULT_MAX_VIDEO_DECODE_BYTES = 64 * 3840 * 2160 * 3
+# The pixel and decoded-byte defaults (envs.py) admit 4K UHD, portrait too, and 64 such frames decoded.
 # Packets (mp4 samples, frames) a container may declare or hold: 9 hours of 30 fps video, or 3.6 hours
 # with 48 kHz AAC sound (FFmpeg indexes every stream). FFmpeg's mp4 index costs 35-72 bytes a sample.
 DEFAULT_MAX_VIDEO_PACKETS = 1_000_000
