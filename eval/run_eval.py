@@ -210,7 +210,6 @@ def run_env(args, benchmark: str, includes: list[Path]) -> dict:
     """lmms-eval's environment for one benchmark: a stand-in gets its own Hugging Face home and no hub."""
     env = {**os.environ, "STGRIDPOOL_EVAL_NO_AGGREGATE": "1",
            "STGRIDPOOL_EVAL_INCLUDE": os.pathsep.join(str(p) for p in includes)}
-    env.setdefault("HF_HOME", str(Path("~/.cache/huggingface").expanduser()))
     if benchmark in args.standin_names:
         env.update(HF_HOME=str(args.standin_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    STGRIDPOOL_EVAL_LOCAL_TASKS="1")
@@ -267,7 +266,6 @@ def score(args, plans: list[SettingPlan], includes: list[Path]) -> dict:
     request.write_text(json.dumps({"include": [str(p) for p in includes], "runs": runs,
                                    "local_only": set(args.benchmarks) <= set(args.standin_names)}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.setdefault("HF_HOME", str(Path("~/.cache/huggingface").expanduser()))
     log_path = args.output / "logs" / "score.log"
     with open(log_path, "w") as log:
         code = subprocess.run([str(eval_python(args)), "-m", "stgridpool_lmms_eval.score", str(request), str(result)],

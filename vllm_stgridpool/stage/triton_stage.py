@@ -57,7 +57,6 @@ class Launch(NamedTuple):
     pools: tuple[tuple[int, int, int], ...]  # from_input, source (frame or mosaic), output row
 
 
-@functools.lru_cache(maxsize=256)
 def launches(plan: Plan) -> tuple[Launch, ...]:
     """The plan's steps grouped into launches: level ``l``'s tiles in launch ``l``, a row pooled in the first
     launch after its value is complete (input frames in launch 0), one more launch for the last level's."""
